@@ -1,0 +1,352 @@
+"""The pipeline DSL: a pipeline is a Python file that builds one `Pipeline` object.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo is an error, and every
+field carries a description that doubles as the fix-it hint in load-time errors. A
+declaration round-trips through JSON unchanged: it becomes Prefect flow parameters and MLflow
+params as-is.
+
+    from cut_core.dsl import *
+    pipeline = Pipeline(
+        name="shepherd-offline",
+        sources=[Source(paths=["../shared/data/shepherd/*.jsonl"],
+                        columns={"instruction": "question", "response": "answer",
+                                 "judgment": "feedback"})],
+        model=Model(path="models/my-llama"),
+        objective=Objective(name="cut", threshold=1.2, alpha=0.5),
+    )
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CANONICAL_COLUMNS = ("instruction", "input", "response", "judgment")
+
+PAPER_JUDGE_SYSTEM_PROMPT = (
+    "Below is an instruction that describes a task and a potential response. Evaluate the "
+    "response and provide valuable judgments to the response. If the response is perfect, "
+    "please only reply with 'perfect'. Otherwise, please indicate precisely what mistakes it has."
+)
+PAPER_JUDGE_USER_PROMPT = "### Instruction: {instruction}\n\n### Response: {response}"
+
+
+class Section(BaseModel):
+    """Base of every DSL section: unknown fields are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ---------------------------------------------------------------- data sources
+
+class Polarity(Section):
+    positive_prefixes: list[str] = Field(
+        default_factory=lambda: ["Perfect"],
+        description="a judgment starting with one of these (case-insensitive) is positive; "
+        "a null/empty judgment is always positive",
+    )
+    score_column: str | None = Field(
+        default=None, description="optional numeric column: rows with score >= score_threshold are positive")
+    score_threshold: float | None = Field(
+        default=None, description="threshold for score_column (required when score_column is set)")
+    failed_markers: list[str] = Field(
+        default_factory=lambda: ["$ERROR$"],
+        description="judgment texts that mark a failed judge call; such rows are rejected, never trained on",
+    )
+    contradiction_prefixes: list[str] = Field(
+        default_factory=lambda: ["The response is perfect"],
+        description="a negative judgment starting with one of these contradicts its polarity; it is reported",
+    )
+    quarantine_contradictions: bool = Field(
+        default=False, description="true: move contradicting rows to rejects instead of only reporting them")
+
+    @model_validator(mode="after")
+    def _score_pair(self) -> "Polarity":
+        if (self.score_column is None) != (self.score_threshold is None):
+            raise ValueError("set both score_column and score_threshold, or neither")
+        return self
+
+
+class Source(Section):
+    paths: list[str] = Field(
+        min_length=1, description="files or glob patterns (JSONL, JSON array, Parquet or CSV), relative to the pipeline file")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = Field(
+        default="auto", description="file format; 'auto' decides by extension (.jsonl/.ndjson, .json, .parquet, .csv)")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="canonical name -> column in the file, e.g. {'instruction': 'question'}; canonical names: "
+        + ", ".join(CANONICAL_COLUMNS) + ", refined, score",
+    )
+    polarity: Polarity = Field(default_factory=Polarity, description="how a judgment becomes positive or negative")
+    labeled: bool = Field(
+        default=True, description="false: the rows carry no judgment yet and are sent to the judge")
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "Source":
+        allowed = set(CANONICAL_COLUMNS) | {"refined", "score", "id"}
+        unknown = sorted(set(self.columns) - allowed)
+        if unknown:
+            raise ValueError(f"columns maps unknown canonical names {unknown}; allowed: {sorted(allowed)}")
+        return self
+
+
+class Ingestion(Section):
+    max_reject_rate: float = Field(
+        default=0.10, ge=0.0, le=1.0,
+        description="fail the ingest when rejected/rows_read exceeds this fraction (0..1)")
+
+
+# ---------------------------------------------------------------- model, judge
+
+class Model(Section):
+    path: str = Field(description="local directory of a Hugging Face causal LM (or a hub id when online)")
+    template: Literal["alpaca", "chat"] = Field(
+        default="alpaca", description="'alpaca' (the paper's templates) or 'chat' (the tokenizer's chat template)")
+    max_length: int = Field(default=2048, gt=8, description="longest sequence in tokens; prompts are cut from the left")
+
+
+class FunctionJudge(Section):
+    kind: Literal["function"] = "function"
+    callable: str = Field(
+        pattern=r"^[\w.]+:[\w]+$",
+        description="import path 'package.module:function' of f(instruction, response) -> judgment text or None",
+    )
+    name: str | None = Field(default=None, description="judge identity for caching; defaults to the callable")
+
+
+class TransformersJudge(Section):
+    kind: Literal["transformers"] = "transformers"
+    model_path: str = Field(description="local directory of the judging causal LM")
+    prompt: str = Field(
+        default=PAPER_JUDGE_SYSTEM_PROMPT + "\n\n" + PAPER_JUDGE_USER_PROMPT + "\n\n### Judgment:",
+        description="prompt template with {instruction} and {response}")
+    max_new_tokens: int = Field(default=128, gt=0, description="judgment length cap in tokens")
+    name: str | None = Field(default=None, description="judge identity for caching; defaults to model_path")
+
+
+class OpenAIJudge(Section):
+    kind: Literal["openai"] = "openai"
+    base_url: str = Field(description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    model: str = Field(description="model name sent in the request")
+    api_key_env: str | None = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
+    api_key_secret: str | None = Field(default=None, description="name of a Prefect Secret block holding the API key")
+    system_prompt: str = Field(default=PAPER_JUDGE_SYSTEM_PROMPT, description="system message (the paper's by default)")
+    user_prompt: str = Field(default=PAPER_JUDGE_USER_PROMPT, description="user message template with {instruction} and {response}")
+    concurrency: int = Field(default=8, ge=1, le=256, description="requests in flight at once")
+    max_retries: int = Field(default=5, ge=0, description="retries on 429, 5xx and timeouts (never on other 4xx)")
+    timeout_s: float = Field(default=60.0, gt=0, description="per-request timeout in seconds")
+    temperature: float = Field(default=0.0, ge=0, description="sampling temperature of the judge")
+    name: str | None = Field(default=None, description="judge identity for caching; defaults to base_url + model")
+
+
+Judge = Annotated[Union[FunctionJudge, TransformersJudge, OpenAIJudge], Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- objective, adapter, training
+
+class Objective(Section):
+    name: Literal["cut", "sft", "hindsight", "forward_prediction", "ilf_mle"] = Field(
+        default="cut", description="training objective: cut, or a baseline (sft, hindsight, forward_prediction, ilf_mle)")
+    threshold: float = Field(
+        default=1.2, ge=1.0,
+        description="lambda of Eq. 5: a token is flagged when p(y|x,j-)/p(y|x) > threshold (>= 1; 1.1 online, 1.2 offline; inf disables)")
+    alpha: float = Field(default=0.5, gt=0.0, le=1.0, description="unlikelihood weight alpha in (0, 1]")
+    gamma: float = Field(default=0.0, ge=0.0, description="focal exponent gamma of w = alpha * p^gamma (0 = reference code)")
+    weighting: Literal["reference", "paper"] = Field(
+        default="reference", description="'reference': 1/2(NLL(Align-N)+L1) per negative; 'paper': L1 + L2")
+    align_p_ratio: float | None = Field(
+        default=0.25, ge=0.0,
+        description="keep at most ratio x #negatives Align-P examples (None keeps all)")
+    refined_column: bool = Field(
+        default=True, description="ilf_mle: use the data's 'refined' column when present, else generate refinements")
+
+
+class LoRA(Section):
+    r: int = Field(default=16, gt=0, description="LoRA rank")
+    alpha: int = Field(default=16, gt=0, description="LoRA scaling alpha")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"], min_length=1,
+        description="module names to adapt (the MLP projections by default)")
+
+
+class Training(Section):
+    learning_rate: float = Field(default=4e-4, gt=0, description="peak learning rate")
+    epochs: float = Field(default=1.0, gt=0, description="passes over the materialized examples")
+    micro_batch_size: int = Field(default=1, ge=1, description="records per forward pass")
+    gradient_accumulation: int = Field(default=8, ge=1, description="micro-batches per optimizer step")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="learning-rate schedule")
+    warmup_steps: int = Field(default=100, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    seed: int = Field(default=42, description="random seed")
+    gradient_checkpointing: bool = Field(default=False, description="trade compute for memory")
+    save_steps: int = Field(default=500, ge=1, description="checkpoint every N optimizer steps")
+    full_finetune: bool = Field(default=False, description="train all weights instead of a LoRA adapter")
+    logging_steps: int = Field(default=10, ge=1, description="log loss parts every N steps")
+
+
+# ---------------------------------------------------------------- online iterations, evaluation
+
+class Online(Section):
+    iterations: int = Field(default=0, ge=0, description="K online iterations (0 = offline only)")
+    prompts: str | None = Field(
+        default=None, description="file of new instructions (column 'instruction'); each iteration takes fresh ones")
+    prompts_per_iteration: int = Field(default=1000, ge=1, description="new instructions per iteration, never reused")
+    max_new_tokens: int = Field(default=256, ge=1, description="generation length cap")
+    greedy: bool = Field(default=True, description="greedy decoding (the paper) instead of sampling")
+    generation_batch_size: int = Field(default=32, ge=1, description="prompts per generation batch")
+
+    @model_validator(mode="after")
+    def _needs_prompts(self) -> "Online":
+        if self.iterations > 0 and not self.prompts:
+            raise ValueError("online.iterations > 0 needs online.prompts: a file of new instructions")
+        return self
+
+
+class Evaluation(Section):
+    heldout: str | None = Field(
+        default=None, description="file of held-out prompts (column 'instruction'; optional 'reference' for NLL)")
+    max_prompts: int = Field(default=500, ge=1, description="held-out prompts scored per evaluation")
+    max_new_tokens: int = Field(default=256, ge=1, description="generation length cap")
+    samples: int = Field(default=20, ge=0, description="sample generations kept in the report")
+    champion_metric: str = Field(default="positive_rate", description="metric whose improvement moves the 'champion' alias")
+
+
+class Pipeline(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="pipeline name (letters, digits, . _ -)")
+    workdir: str = Field(default="work", description="folder for the warehouse, examples and checkpoints (relative to the pipeline file)")
+    sources: list[Source] = Field(default_factory=list, description="triplet sources to ingest")
+    ingestion: Ingestion = Field(default_factory=Ingestion, description="ingestion limits")
+    model: Model | None = Field(default=None, description="the model to align")
+    judge: Judge | None = Field(default=None, description="who labels unlabeled rows and online generations")
+    objective: Objective = Field(default_factory=Objective, description="training objective and its hyper-parameters")
+    adapter: LoRA | None = Field(default_factory=LoRA, description="LoRA settings; None with training.full_finetune")
+    training: Training = Field(default_factory=Training, description="optimizer and schedule")
+    online: Online = Field(default_factory=Online, description="online-iteration settings")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="held-out evaluation settings")
+    registered_model: str | None = Field(default=None, description="MLflow registered model name (defaults to the pipeline name)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Pipeline":
+        if self.online.iterations > 0 and self.judge is None:
+            raise ValueError("online.iterations > 0 needs a judge to label the generations")
+        if self.adapter is None and not self.training.full_finetune:
+            raise ValueError("adapter=None needs training.full_finetune=True (or give a LoRA adapter)")
+        return self
+
+    # -- serialisation: JSON is the interchange format (Prefect parameters, MLflow params)
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "Pipeline":
+        return cls.model_validate_json(text)
+
+    def flat_params(self) -> dict[str, str]:
+        """Dotted key -> value strings, the shape MLflow params want."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                for i, v in enumerate(value):
+                    walk(f"{prefix}.{i}", v)
+            else:
+                out[prefix] = json.dumps(value) if not isinstance(value, str) else value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# ---------------------------------------------------------------- loading
+
+class PipelineError(ValueError):
+    """A pipeline file that does not declare a valid pipeline; the message says what to fix."""
+
+
+def _hint(model: type[BaseModel], loc: tuple) -> str | None:
+    """Walk a validation error location down the models and return the field's description."""
+    current: Any = model
+    description = None
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or not isinstance(part, str):
+            continue
+        if part not in fields:
+            if part in ("function", "transformers", "openai"):  # discriminated-union tag
+                current = {"function": FunctionJudge, "transformers": TransformersJudge, "openai": OpenAIJudge}[part]
+            continue
+        info = fields[part]
+        description = info.description
+        annotation = info.annotation
+        for candidate in getattr(annotation, "__args__", ()) + (annotation,):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+                break
+            for inner in getattr(candidate, "__args__", ()):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    current = inner
+                    break
+    return description
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] = Pipeline) -> str:
+    lines = [f"invalid pipeline declaration ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        got_text = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown field{got_text}; remove it or check its spelling")
+            continue
+        lines.append(f"  - {loc}: {e['msg']}{got_text}")
+        hint = _hint(root, e["loc"])
+        if hint:
+            lines.append(f"      fix: {loc} is {hint}")
+    return "\n".join(lines)
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Execute a pipeline file and return the `Pipeline` it declares (variable `pipeline`).
+
+    Relative paths in the declaration are resolved against the file's folder, so a pipeline
+    runs the same from any working directory.
+    """
+    path = Path(path).resolve()
+    if not path.exists():
+        raise PipelineError(f"pipeline file not found: {path}")
+    try:
+        namespace = runpy.run_path(str(path))
+    except ValidationError as err:
+        raise PipelineError(f"{path}:\n{format_validation_error(err)}") from None
+    found = [v for v in namespace.values() if isinstance(v, Pipeline)]
+    pipeline = namespace.get("pipeline", found[0] if len(found) == 1 else None)
+    if not isinstance(pipeline, Pipeline):
+        raise PipelineError(
+            f"{path} must define exactly one Pipeline, named `pipeline` (found {len(found)})")
+    return resolve_paths(pipeline, path.parent)
+
+
+def resolve_paths(pipeline: Pipeline, base: Path) -> Pipeline:
+    """Return a copy with every relative path made absolute against `base`."""
+
+    def absolute(p: str) -> str:
+        return p if Path(p).is_absolute() or "://" in p else str((base / p).resolve())
+
+    data = pipeline.model_dump(mode="json")
+    data["workdir"] = absolute(data["workdir"])
+    for src in data["sources"]:
+        src["paths"] = [absolute(p) for p in src["paths"]]
+    if data["model"] and (base / data["model"]["path"]).exists():
+        data["model"]["path"] = absolute(data["model"]["path"])
+    for section, key in (("online", "prompts"), ("evaluation", "heldout")):
+        if data[section][key]:
+            data[section][key] = absolute(data[section][key])
+    return Pipeline.model_validate(data)
