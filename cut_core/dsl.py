@@ -107,6 +107,10 @@ class Model(Section):
     template: Literal["alpaca", "chat"] = Field(
         default="alpaca", description="'alpaca' (the paper's templates) or 'chat' (the tokenizer's chat template)")
     max_length: int = Field(default=2048, gt=8, description="longest sequence in tokens; prompts are cut from the left")
+    build: str | None = Field(
+        default=None, pattern=r"^[\w.]+:[\w]+$",
+        description="optional 'package.module:function' f(out_dir) that builds the model at `path` when it is missing "
+        "(the demo builds and warm-starts its tiny model this way)")
 
 
 class FunctionJudge(Section):
@@ -344,7 +348,7 @@ def resolve_paths(pipeline: Pipeline, base: Path) -> Pipeline:
     data["workdir"] = absolute(data["workdir"])
     for src in data["sources"]:
         src["paths"] = [absolute(p) for p in src["paths"]]
-    if data["model"] and (base / data["model"]["path"]).exists():
+    if data["model"] and (data["model"]["build"] or (base / data["model"]["path"]).exists()):
         data["model"]["path"] = absolute(data["model"]["path"])
     for section, key in (("online", "prompts"), ("evaluation", "heldout")):
         if data[section][key]:

@@ -1,0 +1,268 @@
+"""The alignment flows: offline_align and online_align.
+
+    offline_align:  ingest -> label what is unlabeled -> [materialize -> train -> evaluate -> register]
+    online_align:   evaluate base, then K times:
+                    [sample -> generate -> judge -> materialize -> train(+merge) -> evaluate -> register]
+
+Each bracket is one iteration: a Prefect subflow and one nested MLflow run under the
+pipeline run's parent MLflow run. Every stage stores its result last (tasks/stages.py), so a
+crashed run restarts from its last finished stage and a finished pipeline rerun does nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+from pathlib import Path
+
+import polars as pl
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from cut_core import warehouse as wh
+from cut_core.dsl import Pipeline
+from tasks import tracking
+from tasks.evaluate import evaluate_model
+from tasks.generate import generate_responses
+from tasks.ingest import ingest_source
+from tasks.label import judge_pairs, label_unlabeled
+from tasks.materialize import materialize_frame
+from tasks.report import loss_curve_png
+from tasks.stages import finished, run_key, run_stage, write_json_atomic
+from tasks.train import train
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def run_root(pipeline: Pipeline, pipeline_json: str) -> Path:
+    return Path(pipeline.workdir) / "runs" / run_key(pipeline_json)
+
+
+def warehouse_path(pipeline: Pipeline) -> str:
+    return str(Path(pipeline.workdir) / "warehouse.duckdb")
+
+
+def prepare_model(pipeline: Pipeline) -> str:
+    """The model to align; built first when the declaration names a builder and it is missing."""
+    path = Path(pipeline.model.path)
+    if pipeline.model.build and not (path / "config.json").exists():
+        module, _, name = pipeline.model.build.partition(":")
+        getattr(importlib.import_module(module), name)(path)
+    return str(path)
+
+
+def mlflow_runs(root: Path, pipeline: Pipeline, pipeline_json: str) -> str:
+    """The parent MLflow run of this pipeline run: created once, reused when a crashed run resumes."""
+    record = root / "mlflow.json"
+    if record.exists():
+        run_id = json.loads(record.read_text())["parent_run_id"]
+        tracking.use_store().update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = tracking.start_run(pipeline.name, run_key(pipeline_json), tags={"cut_align.run_key": run_key(pipeline_json)})
+    tracking.log_params(run_id, pipeline.flat_params())
+    write_json_atomic(record, {"parent_run_id": run_id})
+    return run_id
+
+
+def iteration_run(root: Path, pipeline: Pipeline, parent: str, iteration: int) -> str:
+    record = root / f"iter-{iteration}" / "mlflow.json"
+    if record.exists():
+        return json.loads(record.read_text())["run_id"]
+    run_id = tracking.start_run(pipeline.name, f"iteration-{iteration}", parent_run_id=parent,
+                                tags={"cut_align.iteration": str(iteration)})
+    tracking.log_params(run_id, {"iteration": str(iteration), "objective": pipeline.objective.name})
+    write_json_atomic(record, {"run_id": run_id})
+    return run_id
+
+
+def select_triplets(warehouse: str, where: str, params: list) -> pl.DataFrame:
+    con = wh.connect(warehouse, read_only=True)
+    try:
+        return con.execute(
+            f"SELECT id, instruction, response, judgment, polarity, refined FROM triplets WHERE {where} ORDER BY id",
+            params).pl()
+    finally:
+        con.close()
+
+
+def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
+    return {"model_path": model_path, "examples": examples,
+            "objective": pipeline.objective.model_dump(mode="json"),
+            "adapter": None if pipeline.training.full_finetune else pipeline.adapter.model_dump(mode="json"),
+            "training": pipeline.training.model_dump(mode="json"),
+            "template": pipeline.model.template, "report_to": "none"}
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, model_path: str,
+                            triplets: pl.DataFrame, run_id: str, best_so_far: float | None) -> dict:
+    """materialize -> train -> evaluate -> register, each a stage that stores its result."""
+    pipeline = Pipeline.from_json(pipeline_json)
+    it = root / f"iter-{iteration}"
+
+    examples = run_stage(it / "materialize", lambda d: materialize_frame(
+        triplets_rows=triplets.to_dicts(), model_path=model_path, objective_json=pipeline.objective.model_dump_json(),
+        template=pipeline.model.template, max_length=pipeline.model.max_length,
+        out_dir=str(Path(pipeline.workdir) / "examples"), seed=pipeline.training.seed))
+    tracking.log_metrics(run_id, {f"data.{k}": v for k, v in examples.get("stats", {}).items()
+                                  if isinstance(v, (int, float))})
+
+    trained = run_stage(it / "train", lambda d: train(
+        train_config(pipeline, model_path, examples["path"]), str(d / "out")))
+    for row in trained["history"]:
+        tracking.log_metrics(run_id, {f"train.{k}": v for k, v in row.items() if k != "step"}, step=row.get("step"))
+    if trained["history"]:
+        plot = Path(trained["output_dir"]) / "loss_curve.png"
+        loss_curve_png(trained["history"], plot, title=f"{pipeline.name} iteration {iteration}")
+        tracking.log_artifact(run_id, plot)
+    if trained.get("adapter"):
+        tracking.log_artifacts(run_id, trained["adapter"], "adapter")
+
+    result = {"iteration": iteration, "model": trained["merged"], "metrics": {}}
+    if pipeline.evaluation.heldout and pipeline.judge is not None:
+        evaluated = run_stage(it / "evaluate", lambda d: evaluate_model(
+            pipeline_json, trained["merged"], str(d), f"iteration-{iteration}"))
+        result["metrics"] = evaluated["metrics"]
+        tracking.log_metrics(run_id, {f"eval.{k}": v for k, v in evaluated["metrics"].items()})
+        tracking.log_artifacts(run_id, evaluated["dir"], "evaluation")
+
+    def register(_: Path) -> dict:
+        tracking.log_artifacts(run_id, trained["merged"], "model")
+        metric = pipeline.evaluation.champion_metric
+        return tracking.register_version(
+            pipeline.registered_model or pipeline.name, run_id, "model", metric=metric,
+            value=result["metrics"].get(metric), floor=best_so_far,
+            tags={"iteration": str(iteration), "run_key": root.name})
+
+    result["registered"] = run_stage(it / "register", register)
+    tracking.end_run(run_id)
+    create_table_artifact(
+        key=f"{pipeline.name}-iteration-{iteration}".lower().replace("_", "-").replace(".", "-"),
+        table=[{"metric": k, "value": v} for k, v in result["metrics"].items()],
+        description=f"iteration {iteration}: model version {result['registered']['version']}")
+    return result
+
+
+@flow(name="online-iteration", flow_run_name="{pipeline_name}-iteration-{iteration}")
+def online_iteration(pipeline_json: str, pipeline_name: str, iteration: int, model_path: str,
+                     parent_run_id: str, best_so_far: float | None) -> dict:
+    """sample -> generate -> judge -> materialize -> train -> evaluate -> register."""
+    pipeline = Pipeline.from_json(pipeline_json)
+    root = run_root(pipeline, pipeline_json)
+    it = root / f"iter-{iteration}"
+    run_id = iteration_run(root, pipeline, parent_run_id, iteration)
+    online = pipeline.online
+
+    generated = run_stage(it / "generate", lambda d: generate_responses(
+        model_path, online.prompts, iteration, online.prompts_per_iteration, online.max_new_tokens,
+        online.generation_batch_size, online.greedy, str(d / "generations.parquet")))
+
+    batch = f"{root.name}/iter-{iteration}"
+    judged = run_stage(it / "judge", lambda d: judge_pairs(
+        pipeline_json, warehouse_path(pipeline), generated["path"], batch, str(d)))
+    tracking.log_metrics(run_id, {f"judge.{k}": v for k, v in judged.items() if isinstance(v, (int, float))})
+
+    triplets = select_triplets(warehouse_path(pipeline), "batch = ? AND polarity IS NOT NULL", [batch])
+    return train_evaluate_register(pipeline_json, root, iteration, model_path, triplets, run_id, best_so_far)
+
+
+# ----------------------------------------------------------------------------- the two flows
+
+def evaluate_base(pipeline_json: str, root: Path, model_path: str, parent: str) -> dict:
+    pipeline = Pipeline.from_json(pipeline_json)
+    if not (pipeline.evaluation.heldout and pipeline.judge is not None):
+        return {}
+    base = run_stage(root / "iter-0" / "evaluate", lambda d: evaluate_model(pipeline_json, model_path, str(d), "base"))
+    tracking.log_metrics(parent, {f"base.{k}": v for k, v in base["metrics"].items()})
+    return base["metrics"]
+
+
+def summarize(pipeline: Pipeline, root: Path, base: dict, iterations: list[dict], parent: str) -> dict:
+    metric = pipeline.evaluation.champion_metric
+    summary = {"pipeline": pipeline.name, "run_key": root.name, "metric": metric,
+               "base": base, "iterations": [{"iteration": r["iteration"], "model": r["model"],
+                                              "version": r["registered"]["version"],
+                                              "champion": r["registered"]["champion"],
+                                              "metrics": r["metrics"]} for r in iterations]}
+    rows = [{"model": "base", metric: base.get(metric)}] + [
+        {"model": f"iteration {r['iteration']} (v{r['registered']['version']})", metric: r["metrics"].get(metric)}
+        for r in iterations]
+    create_table_artifact(key=f"{pipeline.name}-summary".lower().replace("_", "-").replace(".", "-"),
+                          table=rows, description=f"{metric} of the base and each iteration")
+    tracking.end_run(parent)
+    write_json_atomic(root / "final" / "RESULT.json", summary)
+    return summary
+
+
+def best(base: dict, results: list[dict], metric: str) -> float | None:
+    values = [base.get(metric)] + [r["metrics"].get(metric) for r in results]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+@flow(name="online-align", flow_run_name="{pipeline_name}")
+def online_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
+    """K online iterations; each iteration's merged model generates and trains the next."""
+    logger = get_run_logger()
+    pipeline = Pipeline.from_json(pipeline_json)
+    root = run_root(pipeline, pipeline_json)
+    done = finished(root / "final")
+    if done is not None:
+        logger.info(f"{pipeline.name}: run {root.name} already finished; nothing to do")
+        return {**done, "skipped": True}
+    parent = mlflow_runs(root, pipeline, pipeline_json)
+    model_path = prepare_model(pipeline)
+    base = evaluate_base(pipeline_json, root, model_path, parent)
+    results: list[dict] = []
+    for k in range(1, pipeline.online.iterations + 1):
+        result = online_iteration(pipeline_json, pipeline.name, k, model_path, parent,
+                                  best(base, results, pipeline.evaluation.champion_metric))
+        results.append(result)
+        model_path = result["model"]
+        create_markdown_artifact(
+            key=f"{pipeline.name}-iteration-{k}-summary".lower().replace("_", "-").replace(".", "-"),
+            markdown=f"### Iteration {k}\n\nmodel: `{model_path}`\n\n" + json.dumps(result["metrics"], indent=2))
+    return summarize(pipeline, root, base, results, parent)
+
+
+@flow(name="offline-align", flow_run_name="{pipeline_name}")
+def offline_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
+    """Ingest the declared sources, label what is unlabeled, then one training iteration."""
+    logger = get_run_logger()
+    pipeline = Pipeline.from_json(pipeline_json)
+    root = run_root(pipeline, pipeline_json)
+    done = finished(root / "final")
+    if done is not None:
+        logger.info(f"{pipeline.name}: run {root.name} already finished; nothing to do")
+        return {**done, "skipped": True}
+    parent = mlflow_runs(root, pipeline, pipeline_json)
+    warehouse = warehouse_path(pipeline)
+
+    files: list[str] = []
+    for i, source in enumerate(pipeline.sources):
+        report = ingest_source(source.model_dump_json(), warehouse, pipeline.ingestion.max_reject_rate, root.name)
+        tracking.log_metrics(parent, {f"ingest.{i}.{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+        files += sorted({f for pattern in source.paths for f in glob.glob(pattern)})
+    if pipeline.judge is not None:
+        labeled = label_unlabeled(pipeline_json, warehouse, files)
+        tracking.log_metrics(parent, {f"label.{k}": v for k, v in labeled.items() if isinstance(v, (int, float))})
+
+    triplets = select_triplets(warehouse, "source IN (SELECT unnest(?)) AND polarity IS NOT NULL", [files])
+    if triplets.is_empty():
+        raise ValueError(f"{pipeline.name}: no labeled triplets in {files}; check the sources and the judge")
+    model_path = prepare_model(pipeline)
+    base = evaluate_base(pipeline_json, root, model_path, parent)
+    run_id = iteration_run(root, pipeline, parent, 1)
+    result = train_evaluate_register(pipeline_json, root, 1, model_path, triplets, run_id,
+                                     best(base, [], pipeline.evaluation.champion_metric))
+    return summarize(pipeline, root, base, [result], parent)
+
+
+def run_pipeline(pipeline: Pipeline) -> dict:
+    """Run the flow a declaration asks for: online when it has iterations, offline otherwise."""
+    pipeline_json = pipeline.to_json()
+    if pipeline.online.iterations > 0:
+        return online_align(pipeline_json, pipeline.name)
+    return offline_align(pipeline_json, pipeline.name)

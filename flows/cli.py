@@ -1,0 +1,169 @@
+"""`cut-align`: the command line.
+
+    cut-align check PIPELINE.py            validate a declaration and print the resolved plan
+    cut-align run PIPELINE.py              run it (online_align when it has iterations, else offline_align)
+    cut-align ingest PATH... --warehouse FILE [--map NAME=COLUMN ...] [--json]
+    cut-align make-tiny-model OUT [--texts FILE]
+    cut-align demo [--json]                the offline demo: online CUT on a verifiable task
+    cut-align serve PIPELINE.py --cron "0 3 * * *"
+
+Heavy libraries (torch, prefect, mlflow) are imported inside the commands that need them, so
+`check` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_map(items: list[str]) -> dict[str, str]:
+    mapping = {}
+    for item in items:
+        name, sep, column = item.partition("=")
+        if not sep or not name or not column:
+            raise SystemExit(f"--map expects NAME=COLUMN (e.g. --map instruction=question), got {item!r}")
+        mapping[name.strip()] = column.strip()
+    return mapping
+
+
+def load(path: str):
+    from cut_core.dsl import PipelineError, load_pipeline
+    try:
+        return load_pipeline(path)
+    except PipelineError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def describe(pipeline) -> str:
+    """The resolved plan a person reads before running anything."""
+    p = pipeline
+    lines = [f"pipeline {p.name}", f"  workdir     {p.workdir}"]
+    for i, s in enumerate(p.sources):
+        lines.append(f"  source[{i}]   {', '.join(s.paths)} ({s.format}; map {s.columns or 'canonical'}; "
+                     f"{'labeled' if s.labeled else 'unlabeled'})")
+    if p.model:
+        lines.append(f"  model       {p.model.path} (template {p.model.template}, max_length {p.model.max_length}"
+                     + (f", built by {p.model.build}" if p.model.build else "") + ")")
+    if p.judge:
+        lines.append(f"  judge       {p.judge.kind}: " + json.dumps(p.judge.model_dump(exclude={'kind', 'system_prompt', 'user_prompt', 'prompt'})))
+    o = p.objective
+    lines.append(f"  objective   {o.name} (lambda {o.threshold}, alpha {o.alpha}, gamma {o.gamma}, "
+                 f"weighting {o.weighting}, align_p_ratio {o.align_p_ratio})")
+    lines.append("  adapter     " + ("full fine-tune" if p.training.full_finetune else
+                                     f"LoRA r={p.adapter.r} alpha={p.adapter.alpha} on {p.adapter.target_modules}"))
+    t = p.training
+    lines.append(f"  training    lr {t.learning_rate}, {t.epochs} epoch(s), batch {t.micro_batch_size}x{t.gradient_accumulation}, "
+                 f"{t.scheduler} schedule, warmup {t.warmup_steps}, seed {t.seed}")
+    if p.online.iterations:
+        lines.append(f"  online      {p.online.iterations} iteration(s) x {p.online.prompts_per_iteration} new "
+                     f"instructions from {p.online.prompts}")
+        stages = "evaluate base, then per iteration: sample -> generate -> judge -> materialize -> train -> merge -> evaluate -> register"
+    else:
+        stages = "ingest -> label unlabeled -> materialize -> train -> evaluate -> register"
+    if p.evaluation.heldout:
+        lines.append(f"  evaluation  {p.evaluation.max_prompts} held-out prompts from {p.evaluation.heldout}; "
+                     f"champion metric {p.evaluation.champion_metric}")
+    lines.append(f"  flow        {'online-align' if p.online.iterations else 'offline-align'}: {stages}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_check(args) -> int:
+    print(describe(load(args.pipeline)))
+    print("ok: the declaration is valid")
+    return 0
+
+
+def cmd_run(args) -> int:
+    pipeline = load(args.pipeline)
+    from flows.align import run_pipeline
+    result = run_pipeline(pipeline)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from flows.ingest import run_ingest
+    from cut_core.ingest import RejectRateExceeded
+    try:
+        report = run_ingest(args.paths, args.warehouse, parse_map(args.map), args.max_reject_rate,
+                            use_prefect=not args.no_prefect)
+        status = 0
+    except RejectRateExceeded as err:
+        report, status = err.report, 2
+        print(f"error: {err}", file=sys.stderr)
+    print(f"rows read {report['rows_read']}, accepted {report['accepted']} "
+          f"({report['positives']} positive, {report['negatives']} negative, {report.get('unlabeled', 0)} unlabeled), "
+          f"rejected {report['rejected']} {report['rejected_by_reason']}")
+    if args.json:
+        print(json.dumps(report, default=str))
+    return status
+
+
+def cmd_make_tiny_model(args) -> int:
+    from cut_core.tiny import make_tiny_model
+    texts = Path(args.texts).read_text().splitlines() if args.texts else None
+    out = make_tiny_model(args.out, texts)
+    print(f"tiny model and tokenizer saved to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from flows.demo import run_demo
+    return run_demo(workdir=args.workdir, as_json=args.json)
+
+
+def cmd_serve(args) -> int:
+    pipeline = load(args.pipeline)
+    from flows.serve import serve
+    serve(pipeline, cron=args.cron)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cut-align", description="Align language models with judgments (CUT).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="validate a pipeline declaration and print the resolved plan")
+    p.add_argument("pipeline")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("run", help="run a pipeline declaration")
+    p.add_argument("pipeline")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ingest", help="ingest and validate triplet files into a DuckDB warehouse")
+    p.add_argument("paths", nargs="+", help="files or globs (JSONL, JSON array, Parquet, CSV)")
+    p.add_argument("--warehouse", default="work/warehouse.duckdb", help="DuckDB file (created if missing)")
+    p.add_argument("--map", action="append", default=[], metavar="NAME=COLUMN",
+                   help="map a canonical column to the file's column, e.g. --map instruction=question")
+    p.add_argument("--max-reject-rate", type=float, default=0.10, help="fail above this rejected fraction")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    p.add_argument("--no-prefect", action="store_true", help="run the library directly, without a Prefect flow run")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("make-tiny-model", help="build a tiny Llama and tokenizer locally")
+    p.add_argument("out")
+    p.add_argument("--texts", help="text file (one text per line) to train the tokenizer on")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("demo", help="run the offline demo: online CUT on a verifiable arithmetic task")
+    p.add_argument("--workdir", default="work/demo")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve a scheduled deployment of a pipeline (needs `prefect server start`)")
+    p.add_argument("pipeline")
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
+    p.set_defaults(func=cmd_serve)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The evaluate task: held-out judge positive rate (accuracy for a verifier), NLL of the
+references, flagged-token rate, sample generations and the token-level HTML report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+
+from cut_core.dsl import Pipeline
+from cut_core.evaluate import evaluate
+from cut_core.generate import load_model
+from cut_core.judges import build_judge
+from cut_core.report import flag_report_html
+from tasks.generate import read_prompts
+
+
+def samples_markdown(samples: list[dict], limit: int = 10) -> str:
+    def cell(text) -> str:
+        return ("" if text is None else str(text)).replace("|", "\\|").replace("\n", " ")[:160]
+    rows = ["| instruction | response | judgment |", "|---|---|---|"]
+    rows += [f"| {cell(s.get('instruction'))} | {cell(s.get('response'))} | {cell(s.get('judgment') or 'positive')} |"
+             for s in samples[:limit]]
+    return "\n".join(rows)
+
+
+@task(name="evaluate")
+def evaluate_model(pipeline_json: str, model_path: str, out_dir: str, label: str) -> dict:
+    """Score `model_path` on the held-out prompts; write metrics.json, samples.json, flags.html."""
+    logger = get_run_logger()
+    pipeline = Pipeline.from_json(pipeline_json)
+    spec = pipeline.evaluation
+    rows = read_prompts(spec.heldout).head(spec.max_prompts).to_dicts()
+    model, tokenizer = load_model(model_path)
+    judge = build_judge(pipeline.judge)
+    result = evaluate(model, tokenizer, rows, judge, max_new_tokens=spec.max_new_tokens,
+                      batch_size=pipeline.online.generation_batch_size, samples=spec.samples,
+                      threshold=pipeline.objective.threshold)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+    (out / "samples.json").write_text(json.dumps(result["samples"], indent=2, default=str))
+    (out / "flags.html").write_text(flag_report_html(result.get("flag_samples", [])))
+    metrics = result["metrics"]
+    logger.info(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    create_markdown_artifact(
+        key=f"evaluation-{label}".lower().replace("_", "-"),
+        markdown=f"## Evaluation: {label}\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in metrics.items())
+        + "\n\n### Samples\n\n" + samples_markdown(result["samples"]),
+        description=f"held-out evaluation of {label}")
+    return {"metrics": metrics, "dir": str(out)}

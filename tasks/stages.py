@@ -1,0 +1,62 @@
+"""Stage bookkeeping: every stage of a pipeline run writes its result last, atomically.
+
+A run lives in `<workdir>/runs/<run_key>/`, where the run key is a digest of the resolved
+declaration. Each stage owns a folder; its `RESULT.json` is written only after everything
+else in the folder is complete. A crashed run therefore restarts from its last finished stage,
+and a finished pipeline rerun finds every result and does no work.
+
+Prefect task caching cannot give this guarantee on its own: a crash between a task's side
+effect (a trained model on disk) and its persisted result would redo hours of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+RESULT = "RESULT.json"
+
+
+def digest_text(text: str, length: int = 12) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def run_key(pipeline_json: str) -> str:
+    """A run is identified by its full resolved declaration."""
+    name = json.loads(pipeline_json)["name"]
+    return f"{name}-{digest_text(pipeline_json)}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def finished(stage_dir: Path) -> dict | None:
+    """The stored result of a finished stage, or None when the stage has not finished."""
+    marker = Path(stage_dir) / RESULT
+    if not marker.exists():
+        return None
+    return json.loads(marker.read_text())
+
+
+def run_stage(stage_dir: Path, work: Callable[[Path], dict], *, log: Callable[[str], None] = print) -> dict:
+    """Return the stage's stored result, or run `work(stage_dir)` and store what it returns."""
+    stage_dir = Path(stage_dir)
+    done = finished(stage_dir)
+    if done is not None:
+        log(f"[skip] {stage_dir.name}: finished earlier")
+        return done
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    result = work(stage_dir)
+    write_json_atomic(stage_dir / RESULT, result)
+    return result
