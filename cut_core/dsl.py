@@ -38,7 +38,8 @@ PAPER_JUDGE_USER_PROMPT = "### Instruction: {instruction}\n\n### Response: {resp
 class Section(BaseModel):
     """Base of every DSL section: unknown fields are errors, values are re-validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # inf (threshold = +inf disables flagging) serialises as the string "Infinity": valid JSON
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="strings")
 
 
 # ---------------------------------------------------------------- data sources
@@ -275,46 +276,63 @@ class PipelineError(ValueError):
     """A pipeline file that does not declare a valid pipeline; the message says what to fix."""
 
 
-def _hint(model: type[BaseModel], loc: tuple) -> str | None:
-    """Walk a validation error location down the models and return the field's description."""
+# Where each section sits in a Pipeline: an error raised while building `Training(...)` is
+# reported as `training.<field>`, the path a user sees in their declaration.
+SECTION_PATHS: dict[str, str] = {
+    "Pipeline": "", "Source": "sources[i]", "Polarity": "sources[i].polarity", "Ingestion": "ingestion",
+    "Model": "model", "FunctionJudge": "judge", "TransformersJudge": "judge", "OpenAIJudge": "judge",
+    "Objective": "objective", "LoRA": "adapter", "Training": "training", "Online": "online",
+    "Evaluation": "evaluation",
+}
+JUDGE_KINDS = {"function": FunctionJudge, "transformers": TransformersJudge, "openai": OpenAIJudge}
+
+
+def _field_description(model: type[BaseModel], loc: tuple) -> str | None:
+    """Walk an error location down the section models; return the last field's description."""
     current: Any = model
     description = None
     for part in loc:
+        if isinstance(part, str) and part in JUDGE_KINDS:  # discriminated-union tag
+            current = JUDGE_KINDS[part]
+            continue
         fields = getattr(current, "model_fields", None)
-        if fields is None or not isinstance(part, str):
+        if not fields or part not in fields:
             continue
-        if part not in fields:
-            if part in ("function", "transformers", "openai"):  # discriminated-union tag
-                current = {"function": FunctionJudge, "transformers": TransformersJudge, "openai": OpenAIJudge}[part]
-            continue
-        info = fields[part]
-        description = info.description
-        annotation = info.annotation
-        for candidate in getattr(annotation, "__args__", ()) + (annotation,):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                current = candidate
-                break
-            for inner in getattr(candidate, "__args__", ()):
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    current = inner
-                    break
+        description = fields[part].description
+        annotation = fields[part].annotation
+        nested = [a for a in (annotation, *getattr(annotation, "__args__", ()))
+                  for a in (a, *getattr(a, "__args__", ()))]
+        current = next((a for a in nested if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return description
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel] = Pipeline) -> str:
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: the field's path in the declaration, what is wrong, and the fix."""
+    root = globals().get(err.title, Pipeline)
+    prefix = SECTION_PATHS.get(err.title, "")
     lines = [f"invalid pipeline declaration ({err.error_count()} problem(s)):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or prefix or "(top level)"
         got = e.get("input")
-        got_text = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        got_text = "" if isinstance(got, (dict, list, BaseModel)) or got is None else f" (got {got!r})"
         if e["type"] == "extra_forbidden":
             lines.append(f"  - {loc}: unknown field{got_text}; remove it or check its spelling")
             continue
         lines.append(f"  - {loc}: {e['msg']}{got_text}")
-        hint = _hint(root, e["loc"])
+        hint = _field_description(root, e["loc"])
         if hint:
-            lines.append(f"      fix: {loc} is {hint}")
+            lines.append(f"      fix: {loc} is the {hint}")
     return "\n".join(lines)
+
+
+def _line_in(path: Path, tb) -> str:
+    """`file:line` of the declaration line that raised, for the error message."""
+    line = None
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"{path}:{line}" if line else str(path)
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -329,7 +347,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     try:
         namespace = runpy.run_path(str(path))
     except ValidationError as err:
-        raise PipelineError(f"{path}:\n{format_validation_error(err)}") from None
+        raise PipelineError(f"{_line_in(path, err.__traceback__)}:\n{format_validation_error(err)}") from None
     found = [v for v in namespace.values() if isinstance(v, Pipeline)]
     pipeline = namespace.get("pipeline", found[0] if len(found) == 1 else None)
     if not isinstance(pipeline, Pipeline):
