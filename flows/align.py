@@ -24,7 +24,7 @@ from cut_core import warehouse as wh
 from cut_core.dsl import Pipeline
 from tasks import tracking
 from tasks.evaluate import evaluate_model
-from tasks.generate import generate_responses
+from tasks.generate import generate_responses, sample_prompts
 from tasks.ingest import ingest_source
 from tasks.label import judge_pairs, label_unlabeled
 from tasks.materialize import materialize_frame
@@ -35,8 +35,10 @@ from tasks.train import train
 
 # ----------------------------------------------------------------------------- shared pieces
 
-def run_root(pipeline: Pipeline, pipeline_json: str) -> Path:
-    return Path(pipeline.workdir) / "runs" / run_key(pipeline_json)
+def run_root(pipeline: Pipeline, pipeline_json: str, round_label: str | None = None) -> Path:
+    """A run's folder: one per declaration, or per scheduled round of a recurring deployment."""
+    key = run_key(pipeline_json) + (f"-{round_label}" if round_label else "")
+    return Path(pipeline.workdir) / "runs" / key
 
 
 def warehouse_path(pipeline: Pipeline) -> str:
@@ -59,7 +61,7 @@ def mlflow_runs(root: Path, pipeline: Pipeline, pipeline_json: str) -> str:
         run_id = json.loads(record.read_text())["parent_run_id"]
         tracking.use_store().update_run(run_id, status="RUNNING")
         return run_id
-    run_id = tracking.start_run(pipeline.name, run_key(pipeline_json), tags={"cut_align.run_key": run_key(pipeline_json)})
+    run_id = tracking.start_run(pipeline.name, root.name, tags={"cut_align.run_key": root.name})
     tracking.log_params(run_id, pipeline.flat_params())
     write_json_atomic(record, {"parent_run_id": run_id})
     return run_id
@@ -134,7 +136,7 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
         return tracking.register_version(
             pipeline.registered_model or pipeline.name, run_id, "model", metric=metric,
             value=result["metrics"].get(metric), floor=best_so_far,
-            tags={"iteration": str(iteration), "run_key": root.name})
+            tags={"iteration": str(iteration), "run_key": root.name, "local_model": trained["merged"]})
 
     result["registered"] = run_stage(it / "register", register)
     tracking.end_run(run_id)
@@ -146,17 +148,20 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
 
 
 @flow(name="online-iteration", flow_run_name="{pipeline_name}-iteration-{iteration}")
-def online_iteration(pipeline_json: str, pipeline_name: str, iteration: int, model_path: str,
+def online_iteration(pipeline_json: str, pipeline_name: str, run_dir: str, iteration: int, model_path: str,
                      parent_run_id: str, best_so_far: float | None) -> dict:
     """sample -> generate -> judge -> materialize -> train -> evaluate -> register."""
     pipeline = Pipeline.from_json(pipeline_json)
-    root = run_root(pipeline, pipeline_json)
+    root = Path(run_dir)
     it = root / f"iter-{iteration}"
     run_id = iteration_run(root, pipeline, parent_run_id, iteration)
     online = pipeline.online
 
+    sampled = run_stage(it / "sample", lambda d: sample_prompts(
+        online.prompts, warehouse_path(pipeline), pipeline.name, online.prompts_per_iteration,
+        str(d / "prompts.parquet")))
     generated = run_stage(it / "generate", lambda d: generate_responses(
-        model_path, online.prompts, iteration, online.prompts_per_iteration, online.max_new_tokens,
+        model_path, sampled["path"], warehouse_path(pipeline), root.name, iteration, online.max_new_tokens,
         online.generation_batch_size, online.greedy, str(d / "generations.parquet")))
 
     batch = f"{root.name}/iter-{iteration}"
@@ -169,6 +174,13 @@ def online_iteration(pipeline_json: str, pipeline_name: str, iteration: int, mod
 
 
 # ----------------------------------------------------------------------------- the two flows
+
+def scheduled_round() -> str:
+    """The scheduled start of this flow run, e.g. 20261122T0300, naming one recurring round."""
+    from prefect.runtime import flow_run
+    start = flow_run.scheduled_start_time
+    return start.strftime("%Y%m%dT%H%M") if start else "adhoc"
+
 
 def evaluate_base(pipeline_json: str, root: Path, model_path: str, parent: str) -> dict:
     pipeline = Pipeline.from_json(pipeline_json)
@@ -203,21 +215,28 @@ def best(base: dict, results: list[dict], metric: str) -> float | None:
 
 
 @flow(name="online-align", flow_run_name="{pipeline_name}")
-def online_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
-    """K online iterations; each iteration's merged model generates and trains the next."""
+def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring: bool = False) -> dict:
+    """K online iterations; each iteration's merged model generates and trains the next.
+
+    recurring=True (scheduled deployments): every scheduled run is a new round that starts
+    from the registered model's current champion and takes instructions no round used before.
+    """
     logger = get_run_logger()
     pipeline = Pipeline.from_json(pipeline_json)
-    root = run_root(pipeline, pipeline_json)
+    round_label = scheduled_round() if recurring else None
+    root = run_root(pipeline, pipeline_json, round_label)
     done = finished(root / "final")
     if done is not None:
         logger.info(f"{pipeline.name}: run {root.name} already finished; nothing to do")
         return {**done, "skipped": True}
     parent = mlflow_runs(root, pipeline, pipeline_json)
-    model_path = prepare_model(pipeline)
+    model_path = (recurring and tracking.champion_model_path(pipeline.registered_model or pipeline.name)) \
+        or prepare_model(pipeline)
+    logger.info(f"{pipeline.name}: run {root.name} starts from {model_path}")
     base = evaluate_base(pipeline_json, root, model_path, parent)
     results: list[dict] = []
     for k in range(1, pipeline.online.iterations + 1):
-        result = online_iteration(pipeline_json, pipeline.name, k, model_path, parent,
+        result = online_iteration(pipeline_json, pipeline.name, str(root), k, model_path, parent,
                                   best(base, results, pipeline.evaluation.champion_metric))
         results.append(result)
         model_path = result["model"]

@@ -1,7 +1,7 @@
 """The generate task: the current model answers this iteration's new instructions.
 
-Instructions come from the pipeline's prompt file in order: iteration k takes rows
-[(k-1)·n, k·n), so no instruction is ever used twice across iterations of a run.
+Instructions come from the pipeline's prompt file in order; each iteration takes the next
+ones its pipeline has never used, so no instruction is used twice.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import polars as pl
 from prefect import task
 from prefect.logging import get_run_logger
 
+from cut_core import warehouse as wh
 from cut_core.generate import generate, load_model
 
 
@@ -38,26 +39,45 @@ def read_prompts(path: str) -> pl.DataFrame:
     return frame
 
 
-def iteration_prompts(path: str, iteration: int, per_iteration: int) -> pl.DataFrame:
-    frame = read_prompts(path)
-    start = (iteration - 1) * per_iteration
-    if start + per_iteration > frame.height:
+@task(name="sample")
+def sample_prompts(prompts_path: str, warehouse: str, pipeline_name: str, n: int, out_file: str) -> dict:
+    """Take the next `n` instructions this pipeline has never generated for, in file order.
+
+    "Never" spans every run of the pipeline, scheduled rounds included: the warehouse's
+    `generations` table remembers what each run already used.
+    """
+    frame = read_prompts(prompts_path).with_row_index("prompt_index")
+    con = wh.connect(warehouse)
+    try:
+        used = con.execute("SELECT DISTINCT instruction FROM generations WHERE run LIKE ?",
+                           [f"{pipeline_name}-%"]).pl()
+    finally:
+        con.close()
+    fresh = frame.filter(~pl.col("instruction").is_in(used["instruction"].implode())).head(n)
+    if fresh.height < n:
         raise ValueError(
-            f"{path} holds {frame.height} instructions; iteration {iteration} needs rows "
-            f"{start}..{start + per_iteration} (instructions are never reused). Add instructions "
-            f"or lower online.prompts_per_iteration.")
-    return frame.slice(start, per_iteration).with_row_index("prompt_index", offset=start)
+            f"{prompts_path} has {fresh.height} instructions that {pipeline_name} never used; this iteration "
+            f"needs {n} (instructions are never reused). Add instructions or lower online.prompts_per_iteration.")
+    fresh.select("prompt_index", "instruction").write_parquet(out_file)
+    return {"path": out_file, "n": fresh.height}
 
 
 @task(name="generate")
-def generate_responses(model_path: str, prompts_path: str, iteration: int, per_iteration: int,
+def generate_responses(model_path: str, sampled_path: str, warehouse: str, run: str, iteration: int,
                        max_new_tokens: int, batch_size: int, greedy: bool, out_file: str) -> dict:
     logger = get_run_logger()
-    prompts = iteration_prompts(prompts_path, iteration, per_iteration)
+    prompts = pl.read_parquet(sampled_path)
     model, tokenizer = load_model(model_path)
     responses = generate(model, tokenizer, prompts["instruction"].to_list(), max_new_tokens=max_new_tokens,
                          batch_size=batch_size, greedy=greedy)
     frame = prompts.select("prompt_index", "instruction").with_columns(pl.Series("response", responses))
     frame.write_parquet(out_file)
+    con = wh.connect(warehouse)
+    try:
+        con.execute("DELETE FROM generations WHERE run = ? AND iteration = ?", [run, iteration])
+        con.execute("INSERT INTO generations (run, iteration, prompt_index, instruction, response, model_digest) "
+                    "SELECT ?, ?, prompt_index, instruction, response, ? FROM frame", [run, iteration, model_path])
+    finally:
+        con.close()
     logger.info(f"generated {frame.height} responses with {model_path}")
     return {"path": out_file, "n": frame.height}

@@ -114,3 +114,14 @@ def register_version(model_name: str, run_id: str, artifact_path: str, *, metric
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
     return {"model": model_name, "version": int(version.version), "champion": improved,
             "previous_champion_metric": previous}
+
+
+def champion_model_path(model_name: str) -> str | None:
+    """Local folder of the `champion` version's merged model, when there is one on this machine."""
+    client = use_store()
+    try:
+        version = client.get_model_version_by_alias(model_name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    path = version.tags.get("local_model")
+    return path if path and Path(path, "config.json").exists() else None
