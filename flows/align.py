@@ -16,7 +16,6 @@ import importlib
 import json
 from pathlib import Path
 
-import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -27,7 +26,7 @@ from tasks.evaluate import evaluate_model
 from tasks.generate import generate_responses, sample_prompts
 from tasks.ingest import ingest_source
 from tasks.label import judge_pairs, label_unlabeled
-from tasks.materialize import materialize_frame
+from tasks.materialize import materialize_examples
 from tasks.report import loss_curve_png
 from tasks.stages import finished, run_key, run_stage, write_json_atomic
 from tasks.train import train
@@ -78,16 +77,6 @@ def iteration_run(root: Path, pipeline: Pipeline, parent: str, iteration: int) -
     return run_id
 
 
-def select_triplets(warehouse: str, where: str, params: list) -> pl.DataFrame:
-    con = wh.connect(warehouse, read_only=True)
-    try:
-        return con.execute(
-            f"SELECT id, instruction, response, judgment, polarity, refined FROM triplets WHERE {where} ORDER BY id",
-            params).pl()
-    finally:
-        con.close()
-
-
 def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
     return {"model_path": model_path, "examples": examples,
             "objective": pipeline.objective.model_dump(mode="json"),
@@ -98,16 +87,17 @@ def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
 
 # ----------------------------------------------------------------------------- one iteration
 
-def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, model_path: str,
-                            triplets: pl.DataFrame, run_id: str, best_so_far: float | None) -> dict:
+def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, model_path: str, run_id: str,
+                            best_so_far: float | None, *, batch: str | None = None,
+                            sources: list[str] | None = None) -> dict:
     """materialize -> train -> evaluate -> register, each a stage that stores its result."""
     pipeline = Pipeline.from_json(pipeline_json)
     it = root / f"iter-{iteration}"
 
-    examples = run_stage(it / "materialize", lambda d: materialize_frame(
-        triplets_rows=triplets.to_dicts(), model_path=model_path, objective_json=pipeline.objective.model_dump_json(),
-        template=pipeline.model.template, max_length=pipeline.model.max_length,
-        out_dir=str(Path(pipeline.workdir) / "examples"), seed=pipeline.training.seed))
+    examples = run_stage(it / "materialize", lambda d: materialize_examples(
+        warehouse_path(pipeline), batch, model_path, pipeline.objective.model_dump_json(),
+        template=pipeline.model.template, max_length=pipeline.model.max_length, workdir=pipeline.workdir,
+        seed=pipeline.training.seed, sources=sources))
     tracking.log_metrics(run_id, {f"data.{k}": v for k, v in examples.get("stats", {}).items()
                                   if isinstance(v, (int, float))})
 
@@ -169,8 +159,7 @@ def online_iteration(pipeline_json: str, pipeline_name: str, run_dir: str, itera
         pipeline_json, warehouse_path(pipeline), generated["path"], batch, str(d)))
     tracking.log_metrics(run_id, {f"judge.{k}": v for k, v in judged.items() if isinstance(v, (int, float))})
 
-    triplets = select_triplets(warehouse_path(pipeline), "batch = ? AND polarity IS NOT NULL", [batch])
-    return train_evaluate_register(pipeline_json, root, iteration, model_path, triplets, run_id, best_so_far)
+    return train_evaluate_register(pipeline_json, root, iteration, model_path, run_id, best_so_far, batch=batch)
 
 
 # ----------------------------------------------------------------------------- the two flows
@@ -268,14 +257,11 @@ def offline_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
         labeled = label_unlabeled(pipeline_json, warehouse, files)
         tracking.log_metrics(parent, {f"label.{k}": v for k, v in labeled.items() if isinstance(v, (int, float))})
 
-    triplets = select_triplets(warehouse, "source IN (SELECT unnest(?)) AND polarity IS NOT NULL", [files])
-    if triplets.is_empty():
-        raise ValueError(f"{pipeline.name}: no labeled triplets in {files}; check the sources and the judge")
     model_path = prepare_model(pipeline)
     base = evaluate_base(pipeline_json, root, model_path, parent)
     run_id = iteration_run(root, pipeline, parent, 1)
-    result = train_evaluate_register(pipeline_json, root, 1, model_path, triplets, run_id,
-                                     best(base, [], pipeline.evaluation.champion_metric))
+    result = train_evaluate_register(pipeline_json, root, 1, model_path, run_id,
+                                     best(base, [], pipeline.evaluation.champion_metric), sources=files)
     return summarize(pipeline, root, base, [result], parent)
 
 

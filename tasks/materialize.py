@@ -24,7 +24,7 @@ from cut_core.dsl import Objective
 TRIPLETS_SQL = """
 SELECT id, instruction, response, judgment, polarity, refined
 FROM triplets
-WHERE polarity IS NOT NULL {batch_filter}
+WHERE polarity IS NOT NULL {filters}
 ORDER BY id
 """
 
@@ -53,9 +53,12 @@ def materialize_examples(
     workdir: str = "work",
     seed: int = 42,
     refine_callable: str | None = None,
+    sources: list[str] | None = None,
 ) -> dict:
     """Materialize the examples of `batch` (None: every batch) for the model at `model_path`.
 
+    sources: optionally keep only triplets ingested from these files (offline pipelines train
+        on their declared sources, whichever batch first ingested them).
     objective_json: the DSL `Objective` as JSON (`pipeline.objective.model_dump_json()`).
     refine_callable: optional 'module:function' used by ilf_mle to refine negatives that have
         no refined text (see contrast.materialize's refine_fn); its spec names it in the digest.
@@ -67,13 +70,18 @@ def materialize_examples(
     objective = Objective.model_validate_json(objective_json)
     con = wh.connect(warehouse, read_only=True)
     try:
-        sql = TRIPLETS_SQL.format(batch_filter="AND batch = ?" if batch is not None else "")
+        filters, params = "", []
+        if batch is not None:
+            filters, params = filters + " AND batch = ?", params + [batch]
+        if sources is not None:
+            filters, params = filters + " AND list_contains(?, source)", params + [sources]
         # A relation (not execute().fetch*) so the connection is not left busy (STACK.md).
-        triplets = con.sql(sql, params=[batch] if batch is not None else None).pl()
+        triplets = con.sql(TRIPLETS_SQL.format(filters=filters), params=params or None).pl()
     finally:
         con.close()
     if triplets.height == 0:
         raise ValueError(f"no labeled triplets in {warehouse}" + (f" for batch {batch!r}" if batch else "")
+                         + (f" from {sources}" if sources else "")
                          + "; ingest (and label) data first")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
