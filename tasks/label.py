@@ -1,7 +1,10 @@
-"""The label task: the pipeline's judge labels every triplet that still awaits one.
+"""The label tasks: the pipeline's judge turns responses into judgments.
+
+    label_unlabeled   offline: triplets ingested without a judgment (polarity NULL) get one
+    judge_pairs       online: this iteration's generations are judged and become triplets
 
 Thin on purpose: the work (caching by judge + content, retries per HTTP call, failures kept
-apart from negatives) lives in `cut_core.judges`. This task adds what only the orchestrator
+apart from negatives) lives in `cut_core.judges`. These tasks add what only the orchestrator
 knows: Prefect Secret blocks for API keys, task-level retries, and a loud failure when most
 calls failed (a wrong key or a dead endpoint should stop the flow, not train on nothing).
 """
@@ -9,14 +12,17 @@ calls failed (a wrong key or a dead endpoint should stop the flow, not train on 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import polars as pl
 from prefect import task
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from cut_core import dsl
-from cut_core.judges import apply_judgments, build_judge, label_pending, unlabeled_triplets
-from cut_core.warehouse import connect
+from cut_core.dsl import Pipeline
+from cut_core.judges import (DEFAULT_POSITIVE_PREFIXES, Judge, apply_judgments, build_judge, label_pending,
+                             unlabeled_triplets)
+from cut_core.warehouse import connect, content_key
 
 
 def resolve_secret(name: str) -> str:
@@ -27,7 +33,7 @@ def resolve_secret(name: str) -> str:
 
 
 def _logger():
-    # `label_task.fn(...)` (tests, notebooks) runs without a Prefect run context.
+    # `task.fn(...)` (tests, notebooks) runs without a Prefect run context.
     try:
         return get_run_logger()
     except MissingContextError:
@@ -38,32 +44,98 @@ class TooManyFailedJudgments(RuntimeError):
     """Most judge calls failed: the results are stored, the flow should stop and say why."""
 
 
-# Retries are cheap here: judgments already stored are cached, so a retry only re-sends what is
-# still missing (earlier failures included). They cover a briefly busy warehouse or endpoint.
-@task(name="label", retries=2, retry_delay_seconds=30)
-def label_task(warehouse_path: str, judge: dsl.FunctionJudge | dsl.TransformersJudge | dsl.OpenAIJudge,
-               *, positive_prefixes: list[str] | None = None, max_failed_rate: float = 0.5) -> dict:
-    """Judge the unlabeled triplets (polarity NULL) and label them; returns the counts.
+def pipeline_judge(pipeline: Pipeline) -> Judge:
+    """The declared judge, its API key resolved from a Prefect Secret when one is named.
 
-    Counts are those of `label_pending` plus `labeled` (triplets that received a judgment now).
-    A failed judgment is stored as such and leaves its triplet unlabeled; the next run retries it.
+    Polarity prefixes come from the sources declared `labeled=False` (the rows this judge is
+    for); without such a source the paper's rule applies: "Perfect..." is positive.
     """
-    logger = _logger()
-    judge_impl = build_judge(judge, secret_resolver=resolve_secret,
-                             positive_prefixes=positive_prefixes or ["Perfect"])
-    con = connect(warehouse_path)
-    try:
-        counts = label_pending(con, judge_impl, unlabeled_triplets(con))
-        counts["labeled"] = apply_judgments(con, judge_impl.name)
-    finally:
-        con.close()
-    logger.info(
-        "judge %s: %d pending, %d cached, %d judged (%d ok: %d positive, %d negative; %d failed), %d labeled",
-        judge_impl.name, counts["requested"], counts["cached"], counts["judged"], counts["ok"],
-        counts["positives"], counts["negatives"], counts["failed"], counts["labeled"])
+    if pipeline.judge is None:
+        raise ValueError(f"pipeline {pipeline.name} declares no judge")
+    prefixes = [p for s in pipeline.sources if not s.labeled for p in s.polarity.positive_prefixes]
+    return build_judge(pipeline.judge, secret_resolver=resolve_secret,
+                       positive_prefixes=list(dict.fromkeys(prefixes)) or list(DEFAULT_POSITIVE_PREFIXES))
+
+
+def _check(counts: dict, judge: Judge, max_failed_rate: float) -> None:
+    _logger().info(
+        "judge %s: %d requested, %d cached, %d judged (%d ok: %d positive, %d negative; %d failed)",
+        judge.name, counts["requested"], counts["cached"], counts["judged"], counts["ok"],
+        counts["positives"], counts["negatives"], counts["failed"])
     if counts["judged"] and counts["failed"] / counts["judged"] > max_failed_rate:
         raise TooManyFailedJudgments(
-            f"{counts['failed']} of {counts['judged']} judge calls failed (> {max_failed_rate:.0%}); "
-            f"see the 'error' column: SELECT error, count(*) FROM judgments WHERE status = 'failed' "
-            f"AND judge = '{judge_impl.name}' GROUP BY 1")
+            f"{counts['failed']} of {counts['judged']} judge calls failed (> {max_failed_rate:.0%}). "
+            f"Failures are stored and retried on the next run; see why with: SELECT error, count(*) "
+            f"FROM judgments WHERE status = 'failed' AND judge = '{judge.name}' GROUP BY 1")
+
+
+# Retries are cheap here: judgments already stored are cached, so a retry only re-sends what is
+# still missing (earlier failures included). They cover a briefly busy warehouse or endpoint.
+@task(name="label-unlabeled", retries=2, retry_delay_seconds=30)
+def label_unlabeled(pipeline_json: str, warehouse: str, files: list[str] | None = None, *,
+                    max_failed_rate: float = 0.5) -> dict:
+    """Judge the unlabeled triplets (of `files` when given, else all) and label them.
+
+    Returns the counts of `label_pending` plus `labeled` (triplets that received a judgment).
+    A failed judgment is stored as such and leaves its triplet unlabeled: it is not trained on,
+    and the next run retries it.
+    """
+    judge = pipeline_judge(Pipeline.from_json(pipeline_json))
+    con = connect(warehouse)
+    try:
+        pending = unlabeled_triplets(con, sources=files)
+        counts = label_pending(con, judge, pending)
+        counts["labeled"] = apply_judgments(con, judge.name)
+    finally:
+        con.close()
+    _check(counts, judge, max_failed_rate)
+    return counts
+
+
+@task(name="judge-generations", retries=2, retry_delay_seconds=30)
+def judge_pairs(pipeline_json: str, warehouse: str, generations: str, batch: str, out_dir: str, *,
+                max_failed_rate: float = 0.5) -> dict:
+    """Judge generated (instruction, response) pairs and add them to `triplets` under `batch`.
+
+    generations: Parquet with prompt_index, instruction, response (tasks/generate.py).
+    Every pair becomes a triplet (source = the Parquet path, row_number = prompt_index); a pair
+    whose judgment failed is added unlabeled (polarity NULL), so materialize skips it. Writes
+    `<out_dir>/judgments.parquet` (pair, judgment, polarity, status, error) for inspection.
+    """
+    judge = pipeline_judge(Pipeline.from_json(pipeline_json))
+    frame = pl.read_parquet(generations).select("prompt_index", "instruction", "response")
+    con = connect(warehouse)
+    try:
+        counts = label_pending(con, judge, frame.select("instruction", "response").rows())
+        con.register("_generated", frame.to_arrow())
+        # A relation (con.sql), not execute(): DuckDB 2 leaves an executed connection busy.
+        judged = con.sql("""
+            SELECT g.prompt_index, g.instruction, g.response, j.judgment, j.polarity, j.status, j.error
+            FROM _generated g LEFT JOIN judgments j
+              ON j.judge = ? AND j.instruction = g.instruction AND j.response = g.response
+            ORDER BY g.prompt_index""", params=[judge.name]).pl()
+        con.unregister("_generated")
+        ok = (judged["status"] == "ok").fill_null(False)
+        rows = judged.with_columns(
+            judgment=pl.when(ok).then(pl.col("judgment")),
+            polarity=pl.when(ok).then(pl.col("polarity")),
+        )
+        # The triplet id is the content hash ingest uses: (instruction, response, judgment).
+        rows = rows.with_columns(id=pl.Series([content_key(i, r, j) for i, r, j in
+                                               rows.select("instruction", "response", "judgment").rows()]))
+        con.register("_judged", rows.to_arrow())
+        inserted = con.execute("""
+            INSERT INTO triplets (id, instruction, response, judgment, polarity, batch, source, row_number)
+            SELECT id, instruction, response, judgment, polarity, ?, ?, prompt_index
+            FROM _judged WHERE id NOT IN (SELECT id FROM triplets)""", [batch, generations]).fetchall()
+        con.unregister("_judged")
+    finally:
+        con.close()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    judged.write_parquet(out / "judgments.parquet")
+    counts.update(triplets_added=int(inserted[0][0]) if inserted else 0,
+                  labeled=int(ok.sum()), unlabeled=int((~ok).sum()),
+                  path=str(out / "judgments.parquet"))
+    _check(counts, judge, max_failed_rate)
     return counts

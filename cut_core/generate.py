@@ -1,0 +1,127 @@
+"""Batched generation with the plain template: how the model answers new instructions.
+
+Online iterations generate responses with the current model (greedy, the paper's setting) and
+evaluation generates on held-out prompts; both go through `generate`. Prompts are encoded the
+way `contrast.py` encodes training prompts (BOS + prompt ids, no second BOS when a chat template
+already wrote one), so the model sees at inference exactly the prefix it was trained on.
+
+Batches are left-padded: every prompt then ends at the same position, and the new tokens of the
+whole batch start at one column. Given the attention mask, `generate` derives position ids from
+it, so a padded batch decodes the same tokens as one prompt at a time (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from cut_core import templates
+
+
+def load_model(path: str, device: str | torch.device | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder: bf16 on CUDA, fp32 on CPU, eval mode.
+
+    A tokenizer without a pad token gets its EOS as pad (batched generation needs one; the
+    attention mask keeps pads out of the computation, and decoding stops at the first EOS).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- encoding (shared with evaluate.py)
+
+def bos_to_add(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer adds one to a plain encode (Llama does, GPT-2 does not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Prompt texts -> ids as training encodes them: [BOS] + ids, cut from the left when too long."""
+    if not prompts:  # the tokenizer raises on an empty batch
+        return []
+    ids = tokenizer(list(prompts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    bos, bos_text = bos_to_add(tokenizer), tokenizer.bos_token
+    if bos is not None:
+        ids = [x if (bos_text and p.startswith(bos_text)) else [bos] + x for p, x in zip(prompts, ids)]
+    if max_prompt_tokens is not None:
+        # Keep the end of the prompt (the instruction's tail and the response header) and BOS.
+        keep_bos = bos is not None
+        ids = [x if len(x) <= max_prompt_tokens
+               else ([x[0]] if keep_bos else []) + x[len(x) - max_prompt_tokens + keep_bos:]
+               for x in ids]
+    return ids
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _pad_id(model: Any, tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+
+
+# ---------------------------------------------------------------- generation
+
+@torch.inference_mode()
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                   batch_size: int, greedy: bool = True, max_prompt_tokens: int | None = None) -> list[str]:
+    """Continue each prompt text; returns the new text only (up to the first EOS), stripped."""
+    if not prompts:
+        return []
+    ids = encode_prompts(tokenizer, prompts, max_prompt_tokens=max_prompt_tokens)
+    eos_ids, pad_id = _eos_ids(model, tokenizer), _pad_id(model, tokenizer)
+    device = model.device
+    # Longest first: similar lengths share a batch (less padding), and an out-of-memory batch
+    # shows up at the start instead of after an hour of work.
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    outputs: list[str] = [""] * len(ids)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: the prompt sits at the right end
+            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+            attention[row, width - len(ids[i]):] = 1
+        sampling = {"do_sample": False} if greedy else {"do_sample": True}
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                             eos_token_id=sorted(eos_ids) or None, **sampling)
+        for row, i in enumerate(batch):
+            new = out[row, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in eos_ids), len(new))
+            outputs[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+    return outputs
+
+
+def generate(model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new_tokens: int,
+             batch_size: int, greedy: bool = True, template: str = "alpaca",
+             max_prompt_tokens: int | None = None) -> list[str]:
+    """One response per instruction, in order, from the plain prompt of `template`.
+
+    `instructions` already hold any `input` (see templates.format_instruction). Greedy by
+    default, as the paper generates its online data.
+    """
+    prompts = [templates.render("plain", template, i, tokenizer=tokenizer) for i in instructions]
+    return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          greedy=greedy, max_prompt_tokens=max_prompt_tokens)
