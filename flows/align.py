@@ -152,7 +152,7 @@ def online_iteration(pipeline_json: str, pipeline_name: str, run_dir: str, itera
         str(d / "prompts.parquet")))
     generated = run_stage(it / "generate", lambda d: generate_responses(
         model_path, sampled["path"], warehouse_path(pipeline), root.name, iteration, online.max_new_tokens,
-        online.generation_batch_size, online.greedy, str(d / "generations.parquet")))
+        online.generation_batch_size, online.greedy, str(d / "generations.parquet"), pipeline.model.template))
 
     batch = f"{root.name}/iter-{iteration}"
     judged = run_stage(it / "judge", lambda d: judge_pairs(

@@ -13,9 +13,9 @@ from prefect.logging import get_run_logger
 from cut_core.dsl import Pipeline
 from cut_core.evaluate import evaluate
 from cut_core.generate import load_model
-from cut_core.judges import build_judge
 from cut_core.report import flag_report_html
 from tasks.generate import read_prompts
+from tasks.label import pipeline_judge
 
 
 def samples_markdown(samples: list[dict], limit: int = 10) -> str:
@@ -35,10 +35,11 @@ def evaluate_model(pipeline_json: str, model_path: str, out_dir: str, label: str
     spec = pipeline.evaluation
     rows = read_prompts(spec.heldout).head(spec.max_prompts).to_dicts()
     model, tokenizer = load_model(model_path)
-    judge = build_judge(pipeline.judge)
+    judge = pipeline_judge(pipeline)  # resolves a Prefect Secret API key when declared
     result = evaluate(model, tokenizer, rows, judge, max_new_tokens=spec.max_new_tokens,
                       batch_size=pipeline.online.generation_batch_size, samples=spec.samples,
-                      threshold=pipeline.objective.threshold)
+                      threshold=pipeline.objective.threshold, template=pipeline.model.template,
+                      max_length=pipeline.model.max_length)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))

@@ -64,12 +64,13 @@ def sample_prompts(prompts_path: str, warehouse: str, pipeline_name: str, n: int
 
 @task(name="generate")
 def generate_responses(model_path: str, sampled_path: str, warehouse: str, run: str, iteration: int,
-                       max_new_tokens: int, batch_size: int, greedy: bool, out_file: str) -> dict:
+                       max_new_tokens: int, batch_size: int, greedy: bool, out_file: str,
+                       template: str = "alpaca") -> dict:
     logger = get_run_logger()
     prompts = pl.read_parquet(sampled_path)
     model, tokenizer = load_model(model_path)
     responses = generate(model, tokenizer, prompts["instruction"].to_list(), max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, greedy=greedy)
+                         batch_size=batch_size, greedy=greedy, template=template)
     frame = prompts.select("prompt_index", "instruction").with_columns(pl.Series("response", responses))
     frame.write_parquet(out_file)
     con = wh.connect(warehouse)
