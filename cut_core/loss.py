@@ -1,0 +1,200 @@
+"""The CUT loss (METHOD.md §4), as small pure functions on log-probabilities.
+
+Notation (one record = one triplet):
+    p_N,t = p(y_t | y<t, x, j-)   Align-N context (the judgment before the response)
+    p_M,t = p(y_t | y<t, x)       Misalign context (the same response, judgment removed)
+both from the *current* model, for the N response tokens t = 1..N (EOS included).
+
+    flagged  U = { t : p_N,t / p_M,t > lambda }                                   (Eq. 5)
+    L1 = -(1/N) [ sum_{t not in U} log p_M,t + sum_{t in U} w_t log(1 - p_M,t) ]  (Eq. 6)
+         w_t = alpha * p_N,t ** gamma, detached
+    L2 = NLL(y | x) for Align-P, NLL(y | x, j-) for Align-N                        (Eq. 7)
+
+Every function takes per-token log-probabilities shaped [B, N] with a bool mask of real
+tokens, so the same code scores one record or a padded batch, and returns *per-record*
+values: the trainer sums them and divides by the number of records in the global batch,
+which makes gradient accumulation exact (1x8 == 8x1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+# Rows of logits upcast to fp32 at once in `gold_logprobs` when no chunk size is given:
+# 2**24 fp32 elements = 64 MiB per temporary, whatever the vocabulary size.
+_CHUNK_ELEMENTS = 2**24
+# Floor of 1 - p in log(1 - p). A flagged token has p_M < p_N / lambda <= 1/lambda, so for
+# lambda > 1 the floor never binds on a flagged token; it only guards lambda = 1 and fp error.
+_ONE_MINUS_P_FLOOR = 1e-6
+
+
+# ---------------------------------------------------------------- log p of the gold token
+
+class _GoldLogProb(torch.autograd.Function):
+    """log softmax(logits)[label] for rows of logits, chunk by chunk in fp32.
+
+    A plain `logits.float().log_softmax(-1).gather(...)` keeps a full-vocabulary fp32 copy
+    (and its gradient) of the whole [tokens, V] tensor alive; autograd through a chunked
+    version would still save every fp32 chunk for backward. Here forward keeps only the
+    per-row logsumexp, and backward recomputes softmax chunk by chunk:
+        d log p_label / d logits = onehot(label) - softmax(logits)
+    so the extra memory is one fp32 chunk plus the gradient in the logits' own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        valid = labels >= 0
+        safe_labels = labels.clamp(min=0)
+        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.shape[0], chunk):
+            rows = logits[s:s + chunk].float()
+            lse[s:s + chunk] = torch.logsumexp(rows, dim=-1)
+            out[s:s + chunk] = rows.gather(-1, safe_labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        out = torch.where(valid, out, torch.zeros_like(out))
+        ctx.save_for_backward(logits, safe_labels, valid, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, safe_labels, valid, lse = ctx.saved_tensors
+        g = torch.where(valid, grad_out.float(), torch.zeros_like(lse))
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            e = s + ctx.chunk
+            probs = (logits[s:e].float() - lse[s:e, None]).exp_()
+            probs.mul_(-g[s:e, None]).scatter_add_(-1, safe_labels[s:e, None], g[s:e, None])
+            grad[s:e] = probs.to(grad.dtype)
+        return grad, None, None
+
+
+def gold_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
+    """log p(label) under softmax(logits), without a full-vocabulary fp32 tensor.
+
+        logp_t = logits_t[y_t] - logsumexp_v logits_t[v]
+
+    `logits` [..., V] (any float dtype: bf16 on CUDA, fp32 on CPU) and `labels` [...] are
+    already aligned (logits_t predicts labels_t; the caller shifts). A negative label (e.g.
+    -100) gives 0 and no gradient. Returns fp32 [...]. `chunk_size` rows are upcast to fp32 at
+    once (default: as many as fit 2**24 elements).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
+    vocab = logits.shape[-1]
+    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // vocab)
+    flat = _GoldLogProb.apply(logits.reshape(-1, vocab), labels.reshape(-1), chunk)
+    return flat.view(labels.shape)
+
+
+# ---------------------------------------------------------------- per-record terms
+
+def masked_nll(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-record mean negative log-likelihood over real tokens: -(1/N) sum_t log p_t.  [B]"""
+    mask = mask.to(logp.dtype)
+    return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def log1m_exp(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(logp)) for logp <= 0, accurate near both ends and finite at p = 1.
+
+    -expm1(logp) is exact where p is close to 1 (1 - p tiny), unlike 1 - exp(logp); the floor
+    keeps the log finite when p rounds to 1.
+    """
+    return torch.log((-torch.expm1(logp.float())).clamp(min=_ONE_MINUS_P_FLOOR))
+
+
+def cut_token_loss(
+    logp_judged: torch.Tensor,
+    logp_plain: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    threshold: float,
+    alpha: float,
+    gamma: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 of Eq. 6, per record, with the detection of Eq. 5.
+
+        U   = { t : log p_N,t - log p_M,t > log lambda }       (detached, strict >)
+        L1  = -(1/N) [ sum_{t not in U} log p_M,t + sum_{t in U} w_t log(1 - p_M,t) ]
+        w_t = alpha * p_N,t ** gamma                            (detached)
+
+    logp_judged = log p_N [B, N] (Align-N context), logp_plain = log p_M [B, N] (Misalign
+    context), `mask` [B, N] bool marks real response tokens (EOS included); N in 1/N counts
+    real tokens only. threshold = inf flags nothing (L1 becomes the Misalign NLL).
+    Returns (loss [B], flagged [B, N] bool). No gradient reaches `logp_judged` from here:
+    it only decides which tokens are flagged and how much they weigh.
+    """
+    if threshold < 1.0:
+        raise ValueError(f"threshold (lambda) must be >= 1, got {threshold}")
+    mask = mask.bool()
+    logp_judged = logp_judged.detach().float()
+    logp_plain = logp_plain.float()
+    log_ratio = logp_judged - logp_plain.detach()
+    flagged = (log_ratio > math.log(threshold)) & mask
+    weight = alpha * torch.exp(gamma * logp_judged) if gamma else torch.full_like(logp_judged, alpha)
+    per_token = torch.where(flagged, weight * log1m_exp(logp_plain), logp_plain)
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    n_real = mask.sum(-1).clamp(min=1).to(per_token.dtype)
+    return -per_token.sum(-1) / n_real, flagged
+
+
+# ---------------------------------------------------------------- the full objective
+
+@dataclass
+class CUTLoss:
+    """Per-record losses of one (micro-)batch and the parts the trainer logs.
+
+    per_record: [R_neg + R_pos], negatives first (each an Align-N/Misalign pair), then the
+    NLL-only records (Align-P, and baselines' `mle` rows), in the order they were given.
+    """
+
+    per_record: torch.Tensor
+    l1: torch.Tensor          # [R_neg] Eq. 6 per negative record
+    nll_judged: torch.Tensor  # [R_neg] NLL(Align-N) per negative record (its L2 part)
+    nll_plain: torch.Tensor   # [R_pos] NLL of each Align-P / mle record
+    flagged: torch.Tensor     # [R_neg, N] bool
+    neg_mask: torch.Tensor    # [R_neg, N] bool, real tokens of the negatives
+
+
+def cut_objective(
+    logp_judged: torch.Tensor,
+    logp_misalign: torch.Tensor,
+    neg_mask: torch.Tensor,
+    logp_positive: torch.Tensor,
+    pos_mask: torch.Tensor,
+    *,
+    threshold: float,
+    alpha: float,
+    gamma: float = 0.0,
+    weighting: Literal["reference", "paper"] = "reference",
+) -> CUTLoss:
+    """The CUT objective per record, in one of two weightings.
+
+    Negative record (Align-N [x, j-] and its Misalign twin x, same response tokens):
+        reference:  1/2 * ( NLL(y | x, j-) + L1 )     the released code
+        paper:      L1 + NLL(y | x, j-)               L_CUT = L1 + L2
+    NLL record (Align-P, or a baseline's `mle` row):  NLL(y | x)   in both weightings.
+
+    Each term is a mean over that record's response tokens, so every record weighs the
+    same whatever its length; the caller averages records over the global batch.
+    logp_judged / logp_misalign / neg_mask: [R_neg, N]; logp_positive / pos_mask: [R_pos, N'].
+    Either group may be empty (R = 0).
+    """
+    if weighting not in ("reference", "paper"):
+        raise ValueError(f"weighting must be 'reference' or 'paper', got {weighting!r}")
+    l1, flagged = cut_token_loss(logp_judged, logp_misalign, neg_mask,
+                                 threshold=threshold, alpha=alpha, gamma=gamma)
+    nll_judged = masked_nll(logp_judged.float(), neg_mask)
+    nll_plain = masked_nll(logp_positive.float(), pos_mask)
+    negative = 0.5 * (nll_judged + l1) if weighting == "reference" else nll_judged + l1
+    return CUTLoss(
+        per_record=torch.cat([negative, nll_plain]),
+        l1=l1, nll_judged=nll_judged, nll_plain=nll_plain,
+        flagged=flagged, neg_mask=neg_mask.bool(),
+    )

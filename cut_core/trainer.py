@@ -1,0 +1,476 @@
+"""CUTTrainer: a `transformers.Trainer` that trains CUT (METHOD.md §4) and NLL baselines.
+
+Read top to bottom: records (what one training item is), the length-grouped sampler, the
+paired collator, the config, the trainer, then model loading / checkpoint markers / merging.
+
+One *record* is one training item of the loss:
+    cut  an Align-N row [x, j-] + y and its Misalign twin x + y (same response ids), scored
+         in the same step, because L1 compares the two position by position;
+    nll  an Align-P row, or a baseline's `mle` row: plain NLL of the response.
+Every record weighs the same: its loss is a mean over its own response tokens, and the loss
+of a step is the sum of record losses divided by the number of records in the *global* batch
+(all micro-batches, all processes), so 1x8 and 8x1 (micro-batch x accumulation) are the
+same optimisation.
+
+Padding: the judged (Align-N) rows and the plain rows (Misalign, Align-P, mle) run as two
+forward passes, each padded to its own longest row, so neither the judgment's extra tokens
+nor a dummy twin for Align-P rows cost compute; records are grouped by length. Logits are
+computed only at the positions that predict response tokens (`logits_to_keep` as a bool
+mask), and the gold log-probs come from `loss.gold_logprobs` without a full-vocab fp32 copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .loss import cut_objective, gold_logprobs
+
+KINDS = ("align_p", "align_n", "misalign", "mle")
+COMPLETE = "COMPLETE"
+
+
+def _ignore_shadowing_datasets_folder() -> None:
+    """A folder named `datasets/` on sys.path (this repo has one; `python -m` and pytest put the
+    repo root on sys.path) is a namespace package that transformers' availability check takes
+    for the HF `datasets` library; the Trainer then fails on `datasets.Dataset`. A namespace
+    package has no origin: tell Trainer and accelerate the library is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("datasets")
+    if spec is not None and spec.origin is None:
+        import accelerate.data_loader
+        import transformers.trainer
+
+        transformers.trainer.is_datasets_available = lambda: False
+        accelerate.data_loader.is_datasets_available = lambda: False
+
+
+_ignore_shadowing_datasets_folder()
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass
+class Record:
+    """One loss item. `judged_*` is set only for a CUT pair (kind 'cut')."""
+
+    kind: str                       # "cut" | "nll"
+    triplet_id: str
+    plain_ids: list[int]            # Misalign (cut) or the Align-P / mle sequence (nll)
+    plain_start: int                # first response token in plain_ids
+    judged_ids: list[int] | None = None
+    judged_start: int | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens this record costs in forward passes (both sequences of a pair)."""
+        return len(self.plain_ids) + (len(self.judged_ids) if self.judged_ids is not None else 0)
+
+    @property
+    def sort_length(self) -> int:
+        """The length batches are grouped by: the plain sequence, which every record has; a judged
+        row is its twin plus a judgment, so similar plain lengths pad well in both passes, and pairs
+        mix with Align-P records (sorting by `length` would separate them: measured worse too)."""
+        return len(self.plain_ids)
+
+
+def _check_row(row: dict) -> None:
+    ids, start = row["input_ids"], row["response_start"]
+    # start >= 1: the first response token is predicted from the last prompt position.
+    if not 1 <= start < len(ids):
+        raise ValueError(f"example {row['triplet_id']!r} ({row['kind']}): response_start={start} "
+                         f"must lie in [1, {len(ids)}) so that at least one prompt and one response token exist")
+
+
+def records_from_rows(rows: list[dict]) -> list[Record]:
+    """Group example rows (the examples-Parquet schema, docs/architecture.md) into records.
+
+    align_n + misalign with the same triplet_id become one 'cut' record; every align_p and
+    mle row is its own 'nll' record. Order follows the first row of each record.
+    """
+    pairs: dict[str, dict[str, dict]] = {}
+    order: list[tuple[str, Any]] = []
+    for row in rows:
+        kind = row["kind"]
+        if kind not in KINDS:
+            raise ValueError(f"example {row['triplet_id']!r}: unknown kind {kind!r}; expected one of {KINDS}")
+        _check_row(row)
+        if kind in ("align_n", "misalign"):
+            slot = pairs.setdefault(row["triplet_id"], {})
+            if not slot:
+                order.append(("pair", row["triplet_id"]))
+            if kind in slot:
+                raise ValueError(f"triplet {row['triplet_id']!r} has more than one {kind} row")
+            slot[kind] = row
+        else:
+            order.append(("row", row))
+    records = []
+    for what, item in order:
+        if what == "row":
+            records.append(Record("nll", str(item["triplet_id"]), list(item["input_ids"]), int(item["response_start"])))
+            continue
+        slot = pairs[item]
+        if set(slot) != {"align_n", "misalign"}:
+            raise ValueError(f"triplet {item!r} has {sorted(slot)} but a CUT pair needs one align_n and one misalign row")
+        n, m = slot["align_n"], slot["misalign"]
+        if list(n["input_ids"][n["response_start"]:]) != list(m["input_ids"][m["response_start"]:]):
+            raise ValueError(f"triplet {item!r}: align_n and misalign response ids differ; L1 pairs them token by token")
+        records.append(Record("cut", str(item), list(m["input_ids"]), int(m["response_start"]),
+                              list(n["input_ids"]), int(n["response_start"])))
+    return records
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read an examples Parquet file into records (see `records_from_rows`)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["triplet_id", "kind", "input_ids", "response_start"])
+    records = records_from_rows(table.to_pylist())
+    if not records:
+        raise ValueError(f"{path} holds no examples")
+    return records
+
+
+class RecordDataset(Dataset):
+    def __init__(self, records: list[Record]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+
+# ---------------------------------------------------------------- length-grouped sampler
+
+class LengthGroupedRecordSampler(Sampler[int]):
+    """Shuffled order in which each global batch holds records of similar length.
+
+    Records are shuffled (seed + epoch), cut into megabatches of `megabatch_groups` global
+    batches, sorted by length inside each megabatch (longest first, so an out-of-memory shows
+    up in the first steps), cut into global batches, and the global batches shuffled. Batch
+    boundaries depend only on the global batch size, never on how it is split into micro-
+    batches, so 1x8 and 8x1 see the same records in the same steps.
+    """
+
+    def __init__(self, lengths: list[int], global_batch: int, seed: int, megabatch_groups: int = 64):
+        self.lengths, self.global_batch, self.seed = list(lengths), global_batch, seed
+        self.megabatch_groups, self.epoch = megabatch_groups, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        mega = self.global_batch * self.megabatch_groups
+        groups: list[list[int]] = []
+        for s in range(0, len(perm), mega):
+            chunk = sorted(perm[s:s + mega], key=lambda i: self.lengths[i], reverse=True)
+            groups += [chunk[k:k + self.global_batch] for k in range(0, len(chunk), self.global_batch)]
+        # A short last group stays last: moving it would shift every later batch boundary.
+        tail = [groups.pop()] if groups and len(groups[-1]) < self.global_batch else []
+        shuffled = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()] + tail
+        return iter([i for group in shuffled for i in group])
+
+
+# ---------------------------------------------------------------- the paired collator
+
+def _pad(seqs: list[list[int]], starts: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. `predict_mask` marks positions whose next token is a
+    response token (the logits the loss needs); `response_lengths` counts them per sequence."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    predict = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, :len(s)] = 1
+        predict[i, start - 1:len(s) - 1] = True
+    lengths = torch.tensor([len(s) - start for s, start in zip(seqs, starts)], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": attn, "predict_mask": predict, "response_lengths": lengths}
+
+
+def _pack(seqs: list[list[int]], starts: list[int]) -> dict[str, torch.Tensor]:
+    """All sequences in one row, no padding. Positions restart at 0 for each sequence and no
+    attention mask is passed: transformers then builds a block-diagonal causal mask (or
+    flash-attention varlen), so sequences cannot see each other."""
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    predict = torch.zeros(ids.shape, dtype=torch.bool)
+    offset = 0
+    for s, start in zip(seqs, starts):
+        predict[0, offset + start - 1:offset + len(s) - 1] = True
+        offset += len(s)
+    lengths = torch.tensor([len(s) - start for s, start in zip(seqs, starts)], dtype=torch.long)
+    return {"input_ids": ids, "position_ids": positions, "predict_mask": predict, "response_lengths": lengths}
+
+
+@dataclass
+class CUTCollator:
+    """Records -> two forward passes: plain rows (cut pairs' Misalign first, then nll records)
+    and judged rows (the pairs' Align-N, in the same order, keys prefixed `judged_`). The
+    i-th judged sequence is the twin of the i-th plain sequence. No dummy rows: an nll record
+    has no judged row. padding_free packs each pass into one row instead of padding it."""
+
+    pad_token_id: int = 0
+    padding_free: bool = False
+
+    def _pass(self, records: list[Record], judged: bool) -> dict[str, torch.Tensor]:
+        seqs = [r.judged_ids if judged else r.plain_ids for r in records]
+        starts = [r.judged_start if judged else r.plain_start for r in records]
+        return _pack(seqs, starts) if self.padding_free else _pad(seqs, starts, self.pad_token_id)
+
+    def __call__(self, records: list[Record]) -> dict[str, torch.Tensor]:
+        cut = [r for r in records if r.kind == "cut"]
+        nll = [r for r in records if r.kind != "cut"]
+        batch = self._pass(cut + nll, judged=False)
+        if cut:
+            batch.update({f"judged_{k}": v for k, v in self._pass(cut, judged=True).items()})
+        return batch
+
+
+def padding_efficiency(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(real tokens, computed tokens) of one collated batch, both passes."""
+    real = computed = 0
+    for prefix in ("", "judged_"):
+        if f"{prefix}input_ids" not in batch:
+            continue
+        ids = batch[f"{prefix}input_ids"]
+        mask = batch.get(f"{prefix}attention_mask")
+        real += int(mask.sum()) if mask is not None else ids.numel()
+        computed += ids.numel()
+    return real, computed
+
+
+# ---------------------------------------------------------------- config
+
+@dataclass
+class CUTConfig(TrainingArguments):
+    """`TrainingArguments` plus the CUT objective. Defaults of the objective follow the DSL's
+    `Objective`; the optimiser defaults follow METHOD.md §5 where the DSL passes them in."""
+
+    threshold: float = field(default=1.2, metadata={
+        "help": "lambda of Eq. 5: flag token t when p(y_t|x,j-)/p(y_t|x) > lambda (>= 1; inf flags nothing)."})
+    alpha: float = field(default=0.5, metadata={"help": "unlikelihood weight alpha of Eq. 6, in (0, 1]."})
+    gamma: float = field(default=0.0, metadata={
+        "help": "focal exponent: w_t = alpha * p(y_t|x,j-)**gamma (0 = the reference code)."})
+    weighting: str = field(default="reference", metadata={
+        "help": "'reference': a negative record's loss is 1/2 (NLL(Align-N) + L1); 'paper': L1 + NLL(Align-N)."})
+    logprob_chunk_size: int | None = field(default=None, metadata={
+        "help": "rows of logits upcast to fp32 at once in gold_logprobs (None: 2**24 elements' worth)."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "pack each forward pass into one unpadded row (position ids restart per sequence). Exact with "
+        "any attention; efficient with flash-attention (varlen); with sdpa/eager the attention mask is dense over "
+        "the packed row, so long packs cost more attention compute than padding would."})
+    length_megabatch_groups: int = field(default=64, metadata={
+        "help": "global batches per length-sorting megabatch (larger: less padding, less randomness)."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "must stay False: the collator's keys are not model.forward arguments."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "integrations receiving logs."})
+    save_total_limit: int | None = field(default=2, metadata={
+        "help": "checkpoints kept; >= 2 so a complete one survives while the next is written."})
+
+    def __post_init__(self):
+        if self.weighting not in ("reference", "paper"):
+            raise ValueError(f"weighting must be 'reference' or 'paper', got {self.weighting!r}")
+        if self.threshold < 1.0:
+            raise ValueError(f"threshold must be >= 1, got {self.threshold}")
+        super().__post_init__()
+
+
+# ---------------------------------------------------------------- the trainer
+
+class CUTTrainer(Trainer):
+    """Trainer with the CUT loss; datasets are `RecordDataset`s, batches come from `CUTCollator`.
+
+    Logs, beside `loss`: `nll` (mean NLL term per record: Align-N for pairs, the sequence for
+    nll records), `ut` (mean L1 of Eq. 6 per pair), `flagged_fraction` (flagged / response
+    tokens of the pairs) and `padding_efficiency` (real / computed tokens), each a ratio of
+    sums over the logging window, so it does not depend on how steps are split.
+    """
+
+    # compute_loss divides by the global record count itself; training_step must not rescale.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args: CUTConfig | None = None, train_dataset: RecordDataset | None = None,
+                 processing_class=None, data_collator=None, **kwargs):
+        if args is None or not isinstance(args, CUTConfig):
+            raise TypeError("CUTTrainer needs args=CUTConfig(...)")
+        if data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            data_collator = CUTCollator(pad_token_id=pad if pad is not None else 0, padding_free=args.padding_free)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
+                         processing_class=processing_class, **kwargs)
+        self._sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+
+    # -- data
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        global_batch = self._train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedRecordSampler([r.sort_length for r in dataset.records], global_batch, seed,
+                                          self.args.length_megabatch_groups)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """Records in the global batch: every micro-batch of this step, on every process."""
+        count = torch.tensor(sum(b["response_lengths"].shape[0] for b in batch_samples), device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    # -- loss
+
+    def _response_logprobs(self, model, inputs: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of every response token of one pass, [sequences, N] left-aligned, with its mask."""
+        ids, predict = inputs[f"{prefix}input_ids"], inputs[f"{prefix}predict_mask"]
+        out = model(input_ids=ids, attention_mask=inputs.get(f"{prefix}attention_mask"),
+                    position_ids=inputs.get(f"{prefix}position_ids"), logits_to_keep=predict, use_cache=False)
+        # logits come back flattened, row-major: sequence by sequence, response token by token.
+        targets = ids[:, 1:][predict[:, :-1]]
+        flat = gold_logprobs(out.logits, targets, chunk_size=self.args.logprob_chunk_size)
+        lengths = inputs[f"{prefix}response_lengths"]
+        mask = torch.arange(int(lengths.max()), device=ids.device)[None, :] < lengths[:, None]
+        return flat.new_zeros(mask.shape).masked_scatter(mask, flat), mask
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logp_plain, mask_plain = self._response_logprobs(model, inputs, "")
+        if "judged_input_ids" in inputs:
+            logp_judged, mask_judged = self._response_logprobs(model, inputs, "judged_")
+        else:
+            logp_judged, mask_judged = logp_plain[:0, :0], mask_plain[:0, :0]
+        n_cut, width = mask_judged.shape
+        parts = cut_objective(
+            logp_judged, logp_plain[:n_cut, :width], mask_plain[:n_cut, :width],
+            logp_plain[n_cut:], mask_plain[n_cut:],
+            threshold=self.args.threshold, alpha=self.args.alpha, gamma=self.args.gamma,
+            weighting=self.args.weighting)
+        if num_items_in_batch is None:  # outside the training loop (e.g. evaluate): this batch alone
+            loss = parts.per_record.mean()
+        else:
+            loss = parts.per_record.sum() / num_items_in_batch
+            if self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients over processes
+        if model.training:
+            self._accumulate(parts, inputs)
+        return (loss, parts) if return_outputs else loss
+
+    def _accumulate(self, parts, inputs) -> None:
+        real, computed = padding_efficiency(inputs)
+        s = self._sums
+        with torch.no_grad():
+            s["nll_sum"] += parts.nll_judged.sum().double().cpu() + parts.nll_plain.sum().double().cpu()
+            s["nll_n"] += parts.nll_judged.numel() + parts.nll_plain.numel()
+            s["ut_sum"] += parts.l1.sum().double().cpu()
+            s["ut_n"] += parts.l1.numel()
+            s["flagged"] += parts.flagged.sum().cpu()
+            s["cut_tokens"] += parts.neg_mask.sum().cpu()
+            s["real_tokens"] += real
+            s["computed_tokens"] += computed
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._sums:
+            keys = sorted(self._sums)
+            totals = torch.stack([self._sums[k] for k in keys])
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+            t = dict(zip(keys, totals.tolist()))
+            logs["nll"] = t["nll_sum"] / max(t["nll_n"], 1)
+            if t["ut_n"]:
+                logs["ut"] = t["ut_sum"] / t["ut_n"]
+                logs["flagged_fraction"] = t["flagged"] / max(t["cut_tokens"], 1)
+            logs["padding_efficiency"] = t["real_tokens"] / max(t["computed_tokens"], 1)
+            self._sums.clear()
+        super().log(logs, start_time)
+
+
+# ---------------------------------------------------------------- checkpoints with a completion marker
+
+class CompleteMarkerCallback(TrainerCallback):
+    """Writes COMPLETE into a checkpoint after the Trainer has written everything else.
+
+    A HF checkpoint is a folder filled file by file; a crash mid-save leaves a folder that
+    looks like a checkpoint. Only one with the marker is ever resumed from.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / COMPLETE).write_text(f"{state.global_step}\n")
+        return control
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_complete_checkpoint(folder: str | Path) -> Path | None:
+    complete = [p for p in _checkpoints(Path(folder)) if (p / COMPLETE).exists()]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(folder: str | Path) -> list[Path]:
+    """Delete checkpoint folders without the marker (a save cut short): never resumed from,
+    and a later save to the same step must not mix with their leftover files."""
+    removed = [p for p in _checkpoints(Path(folder)) if not (p / COMPLETE).exists()]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
+# ---------------------------------------------------------------- model: load, LoRA, merge
+
+def training_dtype() -> torch.dtype:
+    """bf16 weights for a frozen base on a bf16-capable GPU; fp32 on CPU (CPU bf16 matmuls are slow)."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(model_path: str | Path, lora: Any | None, *, full_finetune: bool = False):
+    """The model to train: a LoRA-wrapped base (frozen base in `training_dtype()`, adapter in
+    fp32), or the whole model in fp32 for full fine-tuning (bf16 autocast on GPU).
+    `lora` is a `dsl.LoRA` (or anything with r, alpha, dropout, target_modules)."""
+    from transformers import AutoModelForCausalLM
+
+    if full_finetune or lora is None:
+        if lora is None and not full_finetune:
+            raise ValueError("no LoRA adapter given: set full_finetune=True to train every weight")
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype())
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(base, config)
+
+
+def save_final(model, tokenizer, output_dir: str | Path) -> dict[str, str]:
+    """Write `adapter/` (LoRA only) and `merged/` (a standalone model + tokenizer) under output_dir.
+    Merging changes the model in place: call this last."""
+    output_dir = Path(output_dir)
+    written = {}
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(output_dir / "adapter")
+        written["adapter"] = str(output_dir / "adapter")
+        model = model.merge_and_unload()
+    merged = output_dir / "merged"
+    if torch.cuda.is_available() and model.dtype == torch.float32:
+        model = model.to(training_dtype())  # full fine-tuning trained fp32 masters; ship the compute dtype
+    model.save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    written["merged"] = str(merged)
+    return written
