@@ -82,7 +82,7 @@ def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
             "objective": pipeline.objective.model_dump(mode="json"),
             "adapter": None if pipeline.training.full_finetune else pipeline.adapter.model_dump(mode="json"),
             "training": pipeline.training.model_dump(mode="json"),
-            "template": pipeline.model.template, "report_to": "none"}
+            "report_to": "none"}
 
 
 # ----------------------------------------------------------------------------- one iteration
