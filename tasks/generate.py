@@ -49,8 +49,8 @@ def sample_prompts(prompts_path: str, warehouse: str, pipeline_name: str, n: int
     frame = read_prompts(prompts_path).with_row_index("prompt_index")
     con = wh.connect(warehouse)
     try:
-        used = con.execute("SELECT DISTINCT instruction FROM generations WHERE run LIKE ?",
-                           [f"{pipeline_name}-%"]).pl()
+        used = con.sql("SELECT DISTINCT instruction FROM generations WHERE run LIKE ?",
+                       params=[f"{pipeline_name}-%"]).pl()
     finally:
         con.close()
     fresh = frame.filter(~pl.col("instruction").is_in(used["instruction"].implode())).head(n)
