@@ -1,7 +1,8 @@
 """The DuckDB warehouse: one file, opened by one writer process at a time.
 
 Tables (all created here, nowhere else):
-  triplets        validated (instruction, response, judgment) rows; id = content hash
+  triplets        validated (instruction, response, judgment) rows; id = content hash, unique by
+                  the writers' dedupe (no index)
   rejects         every row that did not become a triplet, with where it came from and why
   ingested_files  content digests of ingested files, so re-ingesting one adds nothing
   judgments       judge outputs keyed by (judge, key = hash(instruction, response)); failures
@@ -21,7 +22,11 @@ import duckdb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS triplets (
-    id            VARCHAR PRIMARY KEY,      -- sha256 of instruction, response, judgment
+    -- sha256 of instruction, response, judgment (content_key). Not a PRIMARY KEY: that index
+    -- (an ART over random 64-character keys) cost as much as the compressed insert itself,
+    -- ~2.4 s per 1M rows; writers check for the id before they insert (ingest with hash joins,
+    -- tasks/label.py with NOT IN). Files created with the key keep it and work the same.
+    id            VARCHAR NOT NULL,
     instruction   VARCHAR NOT NULL,         -- with a non-empty `input` appended after a newline
     response      VARCHAR NOT NULL,
     judgment      VARCHAR,                  -- NULL for positives without text and for unlabeled rows

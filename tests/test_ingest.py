@@ -4,8 +4,9 @@ Proves: the cut-online file ingests to the documented counts (1000 read, 47 fail
 rejected, 713 positives + 240 negatives, 17 contradictions reported or quarantined) with ids equal
 to warehouse.content_key; a second ingest adds nothing; Shepherd's own column names map through
 Source.columns; `input` is appended to the instruction; JSONL, JSON array, Parquet and CSV
-files and a glob of several ingest in one run with exact row numbers; duplicates across files,
-unlabeled and score-labeled sources; the reject-rate gate raises with its counts after
+files and a glob of several ingest in one run with exact row numbers; duplicates across files
+(Parquet and CSV duplicates keep their raw record; an id another writer stored twice gives one
+reject), unlabeled and score-labeled sources; re-ingesting a large file stops its validation; the reject-rate gate raises with its counts after
 committing; a second writer process waits or gets WarehouseBusy; the Prefect flow returns the
 report and publishes its table artifact.
 """
@@ -177,6 +178,39 @@ def test_duplicates_within_and_across_files(con, tmp_path):
     dups = [(Path(s).name, n, detail) for s, n, reason, _, detail in rejects(con)]
     assert dups[0][:2] == ("first.jsonl", 3) and dups[0][2].endswith(f"{first} row 1")
     assert dups[1][:2] == ("second.jsonl", 1) and dups[1][2].endswith(f"{first} row 1")
+
+
+def test_duplicates_in_parquet_and_csv_keep_their_raw_record(con, tmp_path):
+    pq.write_table(pa.table({"instruction": ["p", "p"], "response": ["r", "r"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.csv").write_text("instruction,output\nc,r\nc,r\n")
+    report = ingest_files(con, Source(paths=[str(tmp_path / "a.parquet"), str(tmp_path / "b.csv")]), batch="d")
+    assert (report.accepted, report.rejected_by_reason) == (2, {"duplicate": 2})
+    raws = [json.loads(raw) for _, _, _, raw, _ in rejects(con)]
+    assert raws == [{"instruction": "p", "response": "r"}, {"instruction": "c", "output": "r"}]
+
+
+def test_duplicate_of_an_id_stored_twice_is_one_reject(con, tmp_path):
+    """triplets.id has no unique index; another writer may have stored an id twice."""
+    key = wh.content_key("q", "a", None)
+    for row in (5, 6):
+        con.execute("INSERT INTO triplets (id, instruction, response, batch, source, row_number) "
+                    "VALUES (?, 'q', 'a', 'x', 'gen.parquet', ?)", [key, row])
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "q2", "output": "a"}])
+    report = ingest_files(con, Source(paths=[str(path)]), batch="d")
+    assert (report.accepted, report.rejected_by_reason) == (1, {"duplicate": 1})
+    assert [(n, reason, detail) for _, n, reason, _, detail in rejects(con)] == [
+        (1, "duplicate", f"same triplet (id {key[:12]}) as gen.parquet row 5")]
+
+
+def test_skipping_a_large_file_stops_its_validation(con, tmp_path, monkeypatch):
+    """The worker starts validating while the file is hashed; a file already ingested stops it."""
+    from cut_core import ingest
+    monkeypatch.setattr(ingest, "CHUNK_BYTES", 1 << 16)
+    path = write_jsonl(tmp_path / "big.jsonl", [{"instruction": f"q{i}", "output": "a" * 200} for i in range(5000)])
+    assert ingest_files(con, Source(paths=[str(path)]), batch="b1").accepted == 5000
+    again = ingest_files(con, Source(paths=[str(path)]), batch="b2")
+    assert again.skipped_files == [str(path)] and again.rows_read == 0
+    assert con.sql("SELECT count(*), count(DISTINCT id) FROM triplets").fetchall() == [(5000, 5000)]
 
 
 def test_unreadable_sources_are_errors_not_empty_runs(con, tmp_path):

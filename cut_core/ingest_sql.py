@@ -1,0 +1,245 @@
+"""The SQL behind cut_core.ingest: the validation query and the per-flush dedupe and inserts.
+
+`validation_sql(source)` checks one chunk `_ingest_chunk(row_number BIGINT, text VARCHAR)` (text:
+one record as JSON, NULL when the bytes were not UTF-8) and yields one row per input row:
+
+    row_number, reason, detail, raw,                                   -- reason NULL: a good row
+    instruction, response, judgment, polarity, refined, contradiction, -- set for good rows only
+    payload                                                            -- good rows: what the id hashes
+
+`payload` is the byte layout of warehouse.content_key(instruction, response, judgment): each part
+as 0x01 + UTF-8 text (0x00 for NULL), then 0x1f. Python hashes it (hashlib's SHA-256 uses the
+CPU's SHA instructions and runs several times faster than DuckDB's sha256(), which was a third of
+the whole ingest). Duplicates need the ids, so they are found later, per flush (DUPS_SQL).
+"""
+
+from __future__ import annotations
+
+import re
+
+from cut_core import dsl
+
+# Whitespace set used to decide that a field or a judgment marker is blank.
+WS = " \t\n\r\f\v"
+
+
+def lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+def _pointer(key: str) -> str:
+    """JSON pointer for a top-level key (handles '/', '~', spaces and dots in column names)."""
+    return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def _prefix_regex(prefixes: list[str]) -> str | None:
+    """RE2 pattern: optional leading whitespace, then one of the prefixes, case-insensitive."""
+    if not prefixes:
+        return None
+    return r"^\s*(?i:" + "|".join(re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", p) for p in prefixes) + ")"
+
+
+def _json_kind(type_expr: str) -> str:
+    """SQL naming a json_type() result the way a person would ('a number', 'an array')."""
+    return (f"CASE WHEN {type_expr} IN ('UBIGINT', 'BIGINT', 'DOUBLE') THEN 'a number' "
+            f"WHEN {type_expr} IN ('ARRAY', 'OBJECT') THEN 'an ' || lower({type_expr}) "
+            f"WHEN {type_expr} = 'VARCHAR' THEN 'a string' ELSE 'a ' || lower({type_expr}) END")
+
+
+def validation_sql(source: dsl.Source) -> str:
+    """The query that checks `_ingest_chunk(row_number, text)`; see the module docstring.
+
+    Every expression that only matters for some rows sits under a CASE, which DuckDB evaluates
+    only for the rows that take that branch: the good path parses each line three times
+    (json_valid, json_type, json_extract_string; one parse per call, all fields at once).
+    """
+    cols, pol = source.columns, source.polarity
+    fields: dict[str, list[str]] = {
+        "instruction": [cols.get("instruction", "instruction")],
+        "input": [cols.get("input", "input")],
+        # Alpaca files call the response `output`; an explicit mapping replaces both names.
+        "response": [cols["response"]] if "response" in cols else ["response", "output"],
+        "judgment": [cols.get("judgment", "judgment")],
+        "refined": [cols.get("refined", "refined")],
+    }
+    if pol.score_column:
+        fields["score"] = [cols.get(pol.score_column, pol.score_column)]
+    keys = [k for names in fields.values() for k in names]
+    paths = "[" + ", ".join(lit(_pointer(k)) for k in keys) + "]"
+    type_paths = "['$', " + paths[1:]
+
+    def pick(name: str) -> tuple[str, str, str]:
+        """(type, value, key-name expression) of a field, the first present of its names."""
+        idx = [keys.index(k) + 1 for k in fields[name]]
+        if len(idx) == 1:
+            return f"ty[{idx[0] + 1}]", f"v[{idx[0]}]", lit(fields[name][0])
+        t = "COALESCE(" + ", ".join(f"ty[{i + 1}]" for i in idx) + ")"
+        v = "CASE " + " ".join(f"WHEN ty[{i + 1}] IS NOT NULL THEN v[{i}]" for i in idx) + " END"
+        k = "CASE " + " ".join(f"WHEN ty[{i + 1}] IS NOT NULL THEN {lit(fields[name][j])}"
+                               for j, i in enumerate(idx)) + f" ELSE {lit(fields[name][0])} END"
+        return t, v, k
+
+    picked = []
+    for name in fields:
+        t, v, k = pick(name)
+        picked.append(f"{t} AS {name}_t, {v} AS {name}_v, {k} AS {name}_k")
+    text_fields = ["instruction", "input", "response", "judgment", "refined"]
+    bad_text = [f"({n}_t IS NOT NULL AND {n}_t NOT IN ('VARCHAR', 'NULL'))" for n in text_fields]
+    wrong = [f"CASE WHEN {b} THEN {n}_k || ' is ' || {_json_kind(n + '_t')} || ', expected a string' END"
+             for b, n in zip(bad_text, text_fields)]
+    if pol.score_column:
+        bad_score = ("(score_t IS NOT NULL AND score_t NOT IN ('UBIGINT', 'BIGINT', 'DOUBLE', 'NULL') AND "
+                     "NOT (score_t = 'VARCHAR' AND TRY_CAST(score_v AS DOUBLE) IS NOT NULL))")
+        bad_text.append(bad_score)
+        wrong.append(f"CASE WHEN {bad_score} THEN score_k || ' is ' || {_json_kind('score_t')} || ', expected a number' END")
+        score = "TRY_CAST(score_v AS DOUBLE)"
+        threshold = repr(float(pol.score_threshold))
+    else:
+        score, threshold = "NULL::DOUBLE", "NULL"
+
+    positive_re, contra_re = _prefix_regex(pol.positive_prefixes), _prefix_regex(pol.contradiction_prefixes)
+    is_positive_text = f"regexp_matches(judgment, {lit(positive_re)})" if positive_re else "false"
+    says_perfect = f"regexp_matches(judgment, {lit(contra_re)})" if contra_re else "false"
+    markers = [m.strip(WS) for m in pol.failed_markers if m.strip(WS)]
+    longest = max((len(m) for m in markers), default=0) + 64
+    is_failed = (f"(length(judgment) <= {longest} AND trim(judgment, {lit(WS)}) IN ({', '.join(map(lit, markers))}))"
+                 if markers else "false")
+    labeled = "true" if source.labeled else "false"
+    # blank: no non-whitespace character; the regex runs only when the first byte is not already
+    # printable, which is almost never, instead of on every field of every row
+    blank = "(CASE WHEN ascii({0}) > 32 THEN false ELSE NOT regexp_matches({0}, '\\S') END)"
+
+    return f"""
+WITH parsed AS (
+    SELECT row_number, text,
+           CASE WHEN text IS NULL THEN 'invalid_utf8'
+                WHEN NOT json_valid(text) THEN
+                     CASE WHEN text = chr(0) || 'malformed_csv' THEN 'malformed_csv'
+                          WHEN {blank.format('text')} THEN 'blank' ELSE 'malformed_json' END
+           END AS early
+    FROM _ingest_chunk
+), extracted AS (
+    SELECT row_number, text, early,
+           CASE WHEN early IS NULL THEN json_type(text, {type_paths}) END AS ty,
+           CASE WHEN early IS NULL THEN json_extract_string(text, {paths}) END AS v
+    FROM parsed
+), fields AS (
+    SELECT row_number, text, early, ty[1] AS top, {', '.join(picked)}, {score} AS score
+    FROM extracted
+), labelled AS (
+    SELECT *,
+           -- a judgment that is absent (no key) and no score: the row has not been judged yet
+           {labeled} AND (judgment_t IS NOT NULL OR score IS NOT NULL) AS is_labeled,
+           CASE WHEN {labeled} AND judgment_v IS NOT NULL AND NOT {blank.format('judgment_v')}
+                THEN judgment_v END AS judgment
+    FROM fields
+), classified AS (
+    SELECT *,
+           CASE WHEN NOT is_labeled THEN NULL
+                WHEN score >= {threshold} THEN 'positive'
+                WHEN judgment IS NULL THEN CASE WHEN score IS NULL THEN 'positive' ELSE 'negative' END
+                WHEN {is_positive_text} THEN 'positive'
+                ELSE 'negative' END AS polarity
+    FROM labelled
+), checked AS (
+    SELECT *,
+           COALESCE(polarity = 'negative' AND judgment IS NOT NULL AND {says_perfect}, false) AS contradiction,
+           CASE WHEN early IS NOT NULL THEN early
+                WHEN top <> 'OBJECT' THEN 'not_an_object'
+                WHEN {' OR '.join(bad_text)} THEN 'wrong_type'
+                WHEN instruction_v IS NULL OR {blank.format('instruction_v')} THEN 'missing_instruction'
+                WHEN response_v IS NULL OR {blank.format('response_v')} THEN 'missing_response'
+                WHEN is_labeled AND judgment IS NOT NULL AND {is_failed} THEN 'failed_judgment'
+           END AS reason0
+    FROM classified
+), final AS (
+    SELECT *,
+           CASE WHEN reason0 IS NULL AND contradiction AND {str(pol.quarantine_contradictions).lower()}
+                THEN 'contradiction' ELSE reason0 END AS reason,
+           CASE WHEN input_v IS NOT NULL AND NOT {blank.format('input_v')}
+                THEN instruction_v || chr(10) || input_v ELSE instruction_v END AS instruction_full
+    FROM checked
+)
+SELECT row_number, reason,
+       CASE reason
+            WHEN 'not_an_object' THEN 'the record is ' || {_json_kind('top')} || ', not an object'
+            WHEN 'wrong_type' THEN concat_ws('; ', {', '.join(wrong)})
+            WHEN 'missing_instruction' THEN CASE WHEN instruction_t IS NULL THEN 'no field ' || instruction_k
+                 ELSE 'field ' || instruction_k || ' is null or blank' END
+            WHEN 'missing_response' THEN CASE WHEN response_t IS NULL THEN 'no field ' || response_k
+                 ELSE 'field ' || response_k || ' is null or blank' END
+            WHEN 'failed_judgment' THEN 'field ' || judgment_k || ' is the failed-judge marker '
+                 || trim(judgment, {lit(WS)})
+            WHEN 'contradiction' THEN 'negative judgment that says the response is perfect: ' || left(judgment, 80)
+       END AS detail,
+       CASE WHEN reason IS NOT NULL AND reason NOT IN ('invalid_utf8', 'blank') THEN rtrim(text, chr(13) || chr(10)) END AS raw,
+       CASE WHEN reason IS NULL THEN instruction_full END AS instruction,
+       CASE WHEN reason IS NULL THEN response_v END AS response,
+       CASE WHEN reason IS NULL THEN judgment END AS judgment,
+       CASE WHEN reason IS NULL THEN polarity END AS polarity,
+       CASE WHEN reason IS NULL THEN refined_v END AS refined,
+       CASE WHEN reason IS NULL THEN contradiction END AS contradiction,
+       CASE WHEN reason IS NULL THEN concat(chr(1), instruction_full, chr(31), chr(1), response_v, chr(31),
+            CASE WHEN judgment IS NULL THEN chr(0) ELSE chr(1) || judgment END, chr(31)) END AS payload
+FROM final
+"""
+
+
+# ---------------------------------------------------------------- one flush: dedupe, insert
+
+# The rows validated since the last flush are the Arrow table `_ingest_checked` (the validation
+# output with `id` in place of `payload`); `_ingest_notes(row_number, raw, detail)` holds the rows
+# Python explained, `_ingest_dups` the result of DUPS_SQL plus the duplicates' `raw` text.
+#
+# Duplicates of a good row: a triplet already in the warehouse (an earlier file, batch or flush
+# of this file, all visible inside this transaction), else an earlier good row of this flush.
+# triplets.id has no index (maintaining one on random 64-character keys cost as much as the
+# compressed insert itself), so both lookups are hash joins; one writer per warehouse file
+# (warehouse.connect) means nothing can slip in between the lookup and the insert.
+DUPS_SQL = """
+WITH good AS (SELECT row_number, id FROM _ingest_checked WHERE reason IS NULL),
+stored AS (
+    -- without a unique constraint another writer may have stored an id twice: name the first
+    SELECT t.id, min({'source': t.source, 'row_number': t.row_number}) AS first
+    FROM triplets t SEMI JOIN good g ON t.id = g.id
+    GROUP BY t.id
+),
+repeats AS (SELECT id, min(row_number) AS first_row FROM good GROUP BY id HAVING count(*) > 1)
+SELECT * FROM (
+    SELECT g.row_number, g.id, s.first.source AS first_source, s.first.row_number AS first_row
+    FROM good g JOIN stored s ON g.id = s.id
+    UNION ALL
+    SELECT g.row_number, g.id, $source, r.first_row
+    FROM good g JOIN repeats r ON g.id = r.id
+    WHERE g.row_number <> r.first_row AND g.id NOT IN (SELECT id FROM stored)
+) ORDER BY row_number
+"""
+
+COUNT_SQL = """
+SELECT CASE WHEN d.row_number IS NOT NULL THEN 'duplicate' ELSE c.reason END AS reason,
+       c.polarity, c.contradiction, count(*) AS n
+FROM _ingest_checked c LEFT JOIN _ingest_dups d ON c.row_number = d.row_number
+GROUP BY ALL
+"""
+
+INSERT_SQL = ("""
+INSERT INTO triplets (id, instruction, response, judgment, polarity, refined, contradiction, batch, source, row_number)
+SELECT id, instruction, response, judgment, polarity, refined, contradiction, $batch, $source, row_number
+FROM _ingest_checked c ANTI JOIN _ingest_dups d USING (row_number)
+WHERE c.reason IS NULL
+""", """
+INSERT INTO rejects (source, row_number, raw, reason, detail, batch)
+SELECT $source, row_number, raw, reason, detail, $batch FROM (
+    SELECT c.row_number, COALESCE(n.raw, c.raw) AS raw, c.reason, COALESCE(n.detail, c.detail) AS detail
+    FROM _ingest_checked c LEFT JOIN _ingest_notes n USING (row_number)
+    WHERE c.reason IS NOT NULL AND c.reason <> 'blank'
+    UNION ALL
+    SELECT row_number, raw, 'duplicate',
+           'same triplet (id ' || left(id, 12) || ') as ' || first_source || ' row ' || first_row
+    FROM _ingest_dups
+) ORDER BY row_number
+""")
