@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
+    if getattr(args, "json", False):
+        # --json promises the JSON object is the last line: keep Prefect's INFO chatter
+        # (e.g. "Stopping temporary server" at exit) out of the output.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     return args.func(args)
 
 
