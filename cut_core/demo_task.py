@@ -1,22 +1,31 @@
 """The bundled verifiable demo task: 2-digit + 2-digit addition.
 
-A tiny model is warm-started ("the base model") so that it often drops the carry from the
-ones column; a Python verifier then judges its answers in natural language, naming the wrong
-digit and the reason, and CUT learns from those judgments. Everything here is deterministic
-by seed and runs offline on a laptop CPU.
+A tiny Llama is warm-started ("the base model") so that it adds correctly but drops the carry
+from the ones column on most carrying problems (greedy: ~53% held-out accuracy, ~1% on carrying
+problems, 100% on the others). Each online iteration it answers new problems, the verifier
+`judge` writes a judgment naming the wrong digit and why, and CUT trains on the triplets.
+Everything here is deterministic by seed and runs offline on a laptop CPU.
 
-Judgment design (why it is shaped this way): a negative judgment names *which* digit is wrong
-and *why* (the column arithmetic), but never repeats the wrong answer. A judgment that quotes
-the answer lets the model "match the judgment" by copying digits, so the Align-N/Misalign
-contrast would measure copying rather than reading; here the model can only make the named
-mistake more likely by understanding "the carry was not added".
+Design decisions, each backed by a measurement (see `ONLINE_SETTINGS`):
+- The judgment names *which* digit is wrong and *why* ("The tens digit is wrong: the carry from
+  7 + 8 = 15 was not added.") but never repeats the wrong answer: a judgment quoting the answer
+  lets the model "match" it by copying digits, so the Align-N/Misalign contrast would measure
+  copying, not reading. Controls on the same base: the same CUT run with each negative's
+  judgment swapped for another problem's, or replaced by one naming the ones digit instead,
+  flags almost nothing and leaves accuracy at the base level; the true judgments fix the carry.
+- The warm start drops the carry with probability 0.75: greedy decoding then almost never
+  carries, so SFT on the model's own correct answers has nothing to learn from and stays at the
+  base, while CUT learns from the negative judgments. (At 0.6 the correct mode keeps ~40% of
+  the mass and SFT flips the model within two iterations as well as CUT does.)
+- Judge-template warm-start examples are scored on the judgment text too (its column sums
+  "7 + 8 = 15" are arithmetic practice): the base learns to add ~2x sooner (the "jump" comes
+  at 400-800 steps instead of 900-2000+) and reads judgments sharply enough for CUT to be stable.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
 # ---------------------------------------------------------------- problems
 
@@ -250,48 +259,72 @@ def accuracy(model, tokenizer, problems: list[tuple[int, int]]) -> dict[str, flo
 
 def warm_start_batch(rng: random.Random, problems: list[tuple[int, int]], tokenizer, size: int,
                      p_drop: float, judge_fraction: float):
-    """One warm-start batch: (plain prompts, plain responses), (judge prompts, judge responses).
+    """One warm-start batch: plain (prompts, responses) and judge-template (heads, continuations, n_answer).
 
     Plain examples answer right, except that a carrying problem drops its carry with
     probability p_drop: the systematic mistake the online loop must fix. Judge-template
     examples pair a judgment with a response that matches it (half right with "Perfect.",
     half wrong with the verifier's judgment of that wrong answer), so the base model learns
-    to read judgments in context, which CUT's Align-N/Misalign contrast relies on.
+    to read judgments in context, which CUT's Align-N/Misalign contrast relies on. A judge
+    example is split after its "### Judgment:" header: the continuation (judgment text,
+    response header, answer, EOS) is scored, the last n_answer tokens being the answer + EOS;
+    predicting the judgment's column sums ("7 + 8 = 15") teaches the digit arithmetic faster.
     """
     from cut_core import templates
 
     n_judge = round(size * judge_fraction)
-    plain_p, plain_r, judge_p, judge_r = [], [], [], []
+    plain_p, plain_r, heads, conts, n_answer = [], [], [], [], []
+    header = tokenizer.convert_tokens_to_ids(templates.JUDGMENT_HEADER)
     for k in range(size):
         a, b = rng.choice(problems)
         ins = instruction(a, b)
         if k >= n_judge:
             r = carry_dropped(a, b) if rng.random() < p_drop else a + b
-            plain_p.append(templates.plain_prompt(ins))
-            plain_r.append(str(r))
+            plain_p.append(encode_prompt(tokenizer, templates.plain_prompt(ins)))
+            plain_r.append(encode_response(tokenizer, str(r)))
         else:
             r = a + b if rng.random() < 0.5 else _wrong_answer(rng, a, b)
-            judge_p.append(templates.judge_prompt(ins, judge(ins, str(r)) or POSITIVE_JUDGMENT))
-            judge_r.append(str(r))
+            ids = encode_prompt(tokenizer, templates.judge_prompt(ins, judge(ins, str(r)) or POSITIVE_JUDGMENT))
+            cut = ids.index(header) + 1
+            answer = encode_response(tokenizer, str(r))
+            heads.append(ids[:cut])
+            conts.append(ids[cut:] + answer)
+            n_answer.append(len(answer))
+    return (plain_p, plain_r), (heads, conts, n_answer)
 
-    def enc(ps, rs):
-        return ([encode_prompt(tokenizer, p) for p in ps], [encode_response(tokenizer, r) for r in rs])
 
-    return enc(plain_p, plain_r), enc(judge_p, judge_r)
-
-
-# Tiny Llama for the demo (~0.5M parameters) and its warm-start recipe (validated by experiment,
-# see datasets/README.md and the demo notes in the final report).
+# The tiny Llama of the demo (~0.5M parameters; tokenizer ~420 tokens, digits one token each,
+# template headers and preambles one token each: a plain prompt is 20 tokens, a judge prompt ~45).
 MODEL_SIZE = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "intermediate_size": 256,
               "vocab_size": 512, "max_position_embeddings": 256}
-WARM_START = {"steps": 2400, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "p_drop": 0.6,
-              "judge_fraction": 0.5}
+# Warm-start recipe: ~120 s on 2 quiet CPU threads (0.085 s/step, ~2-3x that on a loaded box).
+WARM_START = {"steps": 1200, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "p_drop": 0.75,
+              "judge_fraction": 0.5, "judgment_loss_weight": 1.0}
+
+# The online CUT settings of the demo, as DSL sections (Objective, Training, Online, Evaluation;
+# adapter None = full fine-tune). Measured with 4 base seeds x 2 training seeds, 500 new prompts
+# per iteration, 500 held-out problems: base 52-54% -> iteration 1: 88-97% -> iteration 3:
+# 93-98%; SFT on the correct answers at the same settings stays at 52-67%. lr matters: 3e-5 is
+# faster on most bases but oscillates on some (carry <-> spurious carry, 75-82%); 1e-4 fails on
+# half of them; 1e-3 collapses every time.
+ONLINE_SETTINGS = {
+    "objective": {"name": "cut", "threshold": 1.1, "alpha": 1.0, "gamma": 0.0,
+                  "weighting": "reference", "align_p_ratio": 0.25},
+    "adapter": None,
+    "training": {"full_finetune": True, "learning_rate": 1e-5, "epochs": 1.0, "micro_batch_size": 16,
+                 "gradient_accumulation": 1, "scheduler": "constant", "warmup_steps": 0,
+                 "weight_decay": 0.0, "seed": 42},
+    "online": {"iterations": 3, "prompts_per_iteration": 500, "max_new_tokens": 6, "greedy": True},
+    "evaluation": {"max_prompts": 500, "max_new_tokens": 6},
+    "base_seed": 0,
+}
 MARKER = "DEMO_BASE.json"
 
 
 def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_size: int | None = None,
                      lr: float | None = None, warmup_steps: int | None = None, p_drop: float | None = None,
-                     judge_fraction: float | None = None, model_size: dict | None = None,
+                     judge_fraction: float | None = None, judgment_loss_weight: float | None = None,
+                     model_size: dict | None = None,
                      split_seed: int = SPLIT_SEED, eval_every: int = 0, threads: int | None = None,
                      log=None):
     """Build the tiny model and warm-start it into the demo's base model; returns its folder.
@@ -304,6 +337,8 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
     """
     import json
     import math
+    import os
+    import shutil
     from pathlib import Path
 
     import torch
@@ -313,25 +348,29 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
 
     cfg = dict(WARM_START)
     for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                     p_drop=p_drop, judge_fraction=judge_fraction).items():
+                     p_drop=p_drop, judge_fraction=judge_fraction,
+                     judgment_loss_weight=judgment_loss_weight).items():
         if v is not None:
             cfg[k] = v
     settings = {"seed": seed, "split_seed": split_seed, **cfg, "model": {**MODEL_SIZE, **(model_size or {})}}
     out = Path(out_dir)
     marker = out / MARKER
     if marker.exists():
-        done = json.loads(marker.read_text())
-        if done.get("settings") == settings:
+        if json.loads(marker.read_text()).get("settings") == settings:
             return out
-    marker.unlink(missing_ok=True)
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} holds something that is not a demo base model; choose another folder")
     log = log or (lambda *_: None)
     if threads:
         torch.set_num_threads(threads)
 
-    msize = settings["model"]
-    make_tiny_model(out, tokenizer_corpus(seed), seed=seed, **msize)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    # Built aside and renamed into place at the end: `out` never holds a half-trained model
+    # (the flows build a model only when its folder has no config.json).
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_tiny_model(tmp, tokenizer_corpus(seed), seed=seed, **settings["model"])
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     model.train()
     splits = split_problems(split_seed)
     rng = random.Random(seed)
@@ -343,13 +382,22 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
         scale = min(1.0, step / max(1, warm)) * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
         for group in opt.param_groups:
             group["lr"] = cfg["lr"] * scale
-        loss = torch.zeros(())
-        for prompts, responses in warm_start_batch(rng, splits["warmstart"], tokenizer, cfg["batch_size"],
-                                                   cfg["p_drop"], cfg["judge_fraction"]):
-            if prompts:
-                logp, mask = response_logprobs(model, prompts, responses, pad)
-                per_record = -(logp * mask).sum(-1) / mask.sum(-1)
-                loss = loss + per_record.sum() / cfg["batch_size"]
+        (plain_p, plain_r), (heads, conts, n_answer) = warm_start_batch(
+            rng, splits["warmstart"], tokenizer, cfg["batch_size"], cfg["p_drop"], cfg["judge_fraction"])
+        per_record = []
+        if plain_p:
+            logp, mask = response_logprobs(model, plain_p, plain_r, pad)
+            per_record.append(-(logp * mask).sum(-1) / mask.sum(-1))
+        if heads:
+            logp, mask = response_logprobs(model, heads, conts, pad)
+            lengths = mask.sum(-1, keepdim=True)
+            pos = torch.arange(mask.shape[1])[None, :]
+            answer = mask & (pos >= lengths - torch.tensor(n_answer)[:, None])
+            text = mask & ~answer
+            nll_answer = -(logp * answer).sum(-1) / answer.sum(-1)
+            nll_text = -(logp * text).sum(-1) / text.sum(-1).clamp(min=1)
+            per_record.append(nll_answer + cfg["judgment_loss_weight"] * nll_text)
+        loss = torch.cat(per_record).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -361,7 +409,10 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
     model.eval()
     acc = accuracy(model, tokenizer, splits["heldout"])
     log(f"warm start done: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    marker.write_text(json.dumps({"settings": settings, "heldout": acc}, indent=1))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MARKER).write_text(json.dumps({"settings": settings, "heldout": acc}, indent=1))
+    if out.exists():                       # an older build with other settings (checked above)
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out

@@ -16,7 +16,7 @@ pipeline = Pipeline(
     judge=FunctionJudge(callable="cut_core.demo_task:judge"),
     objective=Objective(name="cut", threshold=1.1, alpha=1.0, align_p_ratio=0.25),   # the paper's online settings
     adapter=None,
-    training=Training(full_finetune=True, learning_rate=1e-4, epochs=1, micro_batch_size=16,
+    training=Training(full_finetune=True, learning_rate=1e-5, epochs=1, micro_batch_size=16,
                       gradient_accumulation=1, scheduler="constant", warmup_steps=0, save_steps=1000,
                       logging_steps=5, seed=42),
     online=Online(iterations=3, prompts="../datasets/arithmetic/online.jsonl", prompts_per_iteration=500,
