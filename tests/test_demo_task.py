@@ -5,7 +5,8 @@ digit and the reason without repeating the wrong answer; `is_correct` agrees wit
 held-out, online and warm-start splits are disjoint and cover every problem; generate.py
 writes the same bytes every time and the committed files are its output; a short
 `build_base_model` saves a model that loads offline with AutoModelForCausalLM, a tokenizer
-that round-trips a prompt (digits one token each), and is reused when asked again.
+that round-trips a prompt (digits one token each), and is reused when asked again; the
+recommended online settings are valid DSL sections that fit the bundled prompt file.
 """
 
 from __future__ import annotations
@@ -128,3 +129,26 @@ def test_short_build_saves_an_offline_loadable_model(tmp_path, monkeypatch):
     before = weights.stat().st_mtime_ns
     assert dt.build_base_model(out, seed=0, steps=3, batch_size=8) == out   # same settings: reused
     assert weights.stat().st_mtime_ns == before
+
+
+def test_online_settings_are_valid_dsl_sections():
+    from cut_core.dsl import Evaluation, Objective, Online, Pipeline, Training
+
+    s = dt.ONLINE_SETTINGS
+    pipeline = Pipeline(
+        name="demo-settings", objective=Objective(**s["objective"]), adapter=s["adapter"],
+        training=Training(**s["training"]),
+        online=Online(prompts=str(DATA / "online.jsonl"), **s["online"]),
+        evaluation=Evaluation(heldout=str(DATA / "heldout.jsonl"), **s["evaluation"]),
+        judge={"kind": "function", "callable": "cut_core.demo_task:judge"})
+    assert pipeline.online.iterations >= 2
+    # every iteration takes new prompts: the bundled online file must hold them all
+    assert pipeline.online.iterations * pipeline.online.prompts_per_iteration <= dt.N_ONLINE
+    assert pipeline.evaluation.max_prompts >= 500          # noise ~2 points
+
+
+def test_build_refuses_a_folder_that_is_not_a_demo_base(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError):
+        dt.build_base_model(tmp_path / "model", steps=1)
