@@ -53,7 +53,7 @@ def prepare_model(pipeline: Pipeline) -> str:
     return str(path)
 
 
-def mlflow_runs(root: Path, pipeline: Pipeline, pipeline_json: str) -> str:
+def mlflow_runs(root: Path, pipeline: Pipeline) -> str:
     """The parent MLflow run of this pipeline run: created once, reused when a crashed run resumes."""
     record = root / "mlflow.json"
     if record.exists():
@@ -218,7 +218,7 @@ def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring:
     if done is not None:
         logger.info(f"{pipeline.name}: run {root.name} already finished; nothing to do")
         return {**done, "skipped": True}
-    parent = mlflow_runs(root, pipeline, pipeline_json)
+    parent = mlflow_runs(root, pipeline)
     model_path = (recurring and tracking.champion_model_path(pipeline.registered_model or pipeline.name)) \
         or prepare_model(pipeline)
     logger.info(f"{pipeline.name}: run {root.name} starts from {model_path}")
@@ -245,7 +245,7 @@ def offline_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
     if done is not None:
         logger.info(f"{pipeline.name}: run {root.name} already finished; nothing to do")
         return {**done, "skipped": True}
-    parent = mlflow_runs(root, pipeline, pipeline_json)
+    parent = mlflow_runs(root, pipeline)
     warehouse = warehouse_path(pipeline)
 
     files: list[str] = []
