@@ -18,6 +18,7 @@ params as-is.
 
 from __future__ import annotations
 
+import importlib
 import json
 import runpy
 from pathlib import Path
@@ -271,6 +272,17 @@ class Pipeline(Section):
 
 
 # ---------------------------------------------------------------- loading
+
+def import_callable(spec: str):
+    """'package.module:function' (FunctionJudge.callable, Model.build, refiners) -> the function."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"callable {spec!r} must look like 'package.module:function'")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(fn):
+        raise ValueError(f"callable {spec!r}: {module_name} has no callable named {attr!r}")
+    return fn
+
 
 class PipelineError(ValueError):
     """A pipeline file that does not declare a valid pipeline; the message says what to fix."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
-import importlib
 import logging
 import os
 import random
@@ -114,7 +113,7 @@ class FunctionJudge:
                  positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES):
         if isinstance(fn, str):
             name = name or fn
-            fn = _import_callable(fn)
+            fn = dsl.import_callable(fn)
         self.fn = fn
         qualname = getattr(fn, "__qualname__", type(fn).__qualname__)  # callable objects have none
         self.name = name or f"function:{getattr(fn, '__module__', '?')}:{qualname}"
@@ -133,16 +132,6 @@ class FunctionJudge:
                 continue
             results.append(_ok(out, self.positive_prefixes))
         return results
-
-
-def _import_callable(path: str) -> Callable:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"judge callable {path!r} must look like 'package.module:function'")
-    fn = getattr(importlib.import_module(module_name), attr, None)
-    if not callable(fn):
-        raise ValueError(f"judge callable {path!r}: {module_name} has no callable named {attr!r}")
-    return fn
 
 
 # ---------------------------------------------------------------- TransformersJudge

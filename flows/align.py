@@ -12,7 +12,6 @@ crashed run restarts from its last finished stage and a finished pipeline rerun 
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cut_core import warehouse as wh
-from cut_core.dsl import Pipeline
+from cut_core.dsl import Pipeline, import_callable
 from tasks import tracking
 from tasks.evaluate import evaluate_model
 from tasks.generate import generate_responses, sample_prompts
@@ -48,8 +47,7 @@ def prepare_model(pipeline: Pipeline) -> str:
     """The model to align; built first when the declaration names a builder and it is missing."""
     path = Path(pipeline.model.path)
     if pipeline.model.build and not (path / "config.json").exists():
-        module, _, name = pipeline.model.build.partition(":")
-        getattr(importlib.import_module(module), name)(path)
+        import_callable(pipeline.model.build)(path)
     return str(path)
 
 

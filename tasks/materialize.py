@@ -9,7 +9,6 @@ Returns paths and digests only (never frames), as tasks in this project do.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from prefect.logging import get_run_logger
 
 from cut_core import contrast
 from cut_core import warehouse as wh
-from cut_core.dsl import Objective
+from cut_core.dsl import Objective, import_callable
 
 TRIPLETS_SQL = """
 SELECT id, instruction, response, judgment, polarity, refined
@@ -34,12 +33,6 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:  # called as materialize_examples.fn(...) outside a run
         return logging.getLogger(__name__)
-
-
-def _import_callable(spec: str):
-    """'package.module:function' -> the function (as the DSL's FunctionJudge spells it)."""
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 @task(name="materialize-examples", task_run_name="materialize-{template}-{max_length}")
@@ -85,7 +78,7 @@ def materialize_examples(
                          + "; ingest (and label) data first")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    refine_fn = _import_callable(refine_callable) if refine_callable else None
+    refine_fn = import_callable(refine_callable) if refine_callable else None
     path = contrast.materialize(
         triplets, tokenizer, objective=objective, template=template, max_length=max_length,
         out_dir=Path(workdir) / "examples", seed=seed, refine_fn=refine_fn, refine_name=refine_callable)

@@ -41,3 +41,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the repository, not in it)")
     return SHARED_DATA
+
+
+def mlflow_runs_by_nesting(client, experiment_name: str) -> tuple[list, list]:
+    """(parent runs, nested runs) of one MLflow experiment, told apart by mlflow.parentRunId."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    return ([r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_runs_by_nesting
 
 from cut_core.dsl import Ingestion, LoRA, Model, Objective, Pipeline, Source, Training
 
@@ -56,10 +57,7 @@ def test_offline_cut_on_cut_online_iter1(tmp_path, shared_data, tiny_model, pref
     assert stats["rows_by_kind"] == {"align_n": 240, "misalign": 240, "align_p": 60}
 
     client = MlflowClient(tracking.tracking_uri())
-    experiment = client.get_experiment_by_name("iter1-offline")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = mlflow_runs_by_nesting(client, "iter1-offline")
     assert len(parents) == 1 and len(children) == 1
     assert parents[0].data.params["objective.threshold"] == "1.1"
     assert "train.loss" in children[0].data.metrics
@@ -73,4 +71,4 @@ def test_offline_cut_on_cut_online_iter1(tmp_path, shared_data, tiny_model, pref
     assert again["skipped"] is True
     assert (train_dir / "COMPLETE").stat().st_mtime_ns == mtime
     assert len(client.search_model_versions("name='iter1-offline'")) == 1
-    assert len(client.search_runs([experiment.experiment_id])) == 2
+    assert [len(runs) for runs in mlflow_runs_by_nesting(client, "iter1-offline")] == [1, 1]

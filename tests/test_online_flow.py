@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import mlflow_runs_by_nesting
 
 from cut_core.dsl import Evaluation, FunctionJudge, Model, Objective, Online, Pipeline, Training
 
@@ -57,10 +58,7 @@ def test_online_iterations_are_tracked_registered_and_not_redone(tmp_path, small
 
     assert [it["iteration"] for it in result["iterations"]] == [1, 2]
     client = MlflowClient(tracking.tracking_uri())
-    experiment = client.get_experiment_by_name("online-test")
-    runs = client.search_runs([experiment.experiment_id])
-    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent, nested = mlflow_runs_by_nesting(client, "online-test")
     assert len(parent) == 1 and len(nested) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parent[0].info.run_id}
     for run in nested:
