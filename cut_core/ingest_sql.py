@@ -4,7 +4,7 @@
 one record as JSON, NULL when the bytes were not UTF-8) and yields one row per input row:
 
     row_number, reason, detail, raw,                                   -- reason NULL: a good row
-    instruction, response, judgment, polarity, refined, contradiction, -- set for good rows only
+    instruction, response, judgment, polarity, refined, score, contradiction, -- good rows only
     payload                                                            -- good rows: what the id hashes
 
 `payload` is the byte layout of warehouse.content_key(instruction, response, judgment): each part
@@ -182,6 +182,7 @@ SELECT row_number, reason,
        CASE WHEN reason IS NULL THEN judgment END AS judgment,
        CASE WHEN reason IS NULL THEN polarity END AS polarity,
        CASE WHEN reason IS NULL THEN refined_v END AS refined,
+       CASE WHEN reason IS NULL THEN score END AS score,
        CASE WHEN reason IS NULL THEN contradiction END AS contradiction,
        CASE WHEN reason IS NULL THEN concat(chr(1), instruction_full, chr(31), chr(1), response_v, chr(31),
             CASE WHEN judgment IS NULL THEN chr(0) ELSE chr(1) || judgment END, chr(31)) END AS payload
@@ -227,8 +228,9 @@ GROUP BY ALL
 """
 
 INSERT_SQL = ("""
-INSERT INTO triplets (id, instruction, response, judgment, polarity, refined, contradiction, batch, source, row_number)
-SELECT id, instruction, response, judgment, polarity, refined, contradiction, $batch, $source, row_number
+INSERT INTO triplets (id, instruction, response, judgment, polarity, refined, score, contradiction, batch, source,
+                      row_number)
+SELECT id, instruction, response, judgment, polarity, refined, score, contradiction, $batch, $source, row_number
 FROM _ingest_checked c ANTI JOIN _ingest_dups d USING (row_number)
 WHERE c.reason IS NULL
 """, """

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS triplets (
     response      VARCHAR NOT NULL,
     judgment      VARCHAR,                  -- NULL for positives without text and for unlabeled rows
     polarity      VARCHAR,                  -- 'positive' | 'negative' | NULL (unlabeled, awaits the judge)
-    refined       VARCHAR,                  -- optional corrected response (ILF-MLE)
+    refined       VARCHAR,                  -- optional corrected response (ILF-MLE, ILF-DPO)
+    score         DOUBLE,                   -- optional scalar reward from the source (DPO pairs)
     contradiction BOOLEAN DEFAULT FALSE,    -- negative whose text says the response is perfect
     batch         VARCHAR NOT NULL,         -- ingest batch or online iteration that produced the row
     source        VARCHAR NOT NULL,
@@ -80,6 +81,10 @@ CREATE TABLE IF NOT EXISTS generations (
     PRIMARY KEY (run, iteration, prompt_index)
 );
 """
+# Columns added after the first release: a warehouse file created before gains them on open.
+MIGRATIONS = """
+ALTER TABLE triplets ADD COLUMN IF NOT EXISTS score DOUBLE;
+"""
 
 
 class WarehouseBusy(RuntimeError):
@@ -120,4 +125,5 @@ def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 30.0) 
             time.sleep(0.25)
     if not read_only:
         con.execute(SCHEMA)
+        con.execute(MIGRATIONS)
     return con

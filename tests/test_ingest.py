@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -133,6 +134,8 @@ def test_score_column_decides_polarity(con, tmp_path):
     source = Source(paths=[str(path)], polarity=Polarity(score_column="rating", score_threshold=7))
     report = ingest_files(con, source, batch="s")
     assert [r[4] for r in triplets(con)] == ["positive", "negative", "positive"]
+    # The score itself is kept: DPO builds its preference pairs from it.
+    assert con.sql("SELECT score FROM triplets ORDER BY row_number").fetchall() == [(9.0,), (2.0,), (8.5,)]
     assert report.rejected_by_reason == {"wrong_type": 1}
     assert "rating is an array, expected a number" in rejects(con)[0][4]
 
@@ -301,3 +304,20 @@ def test_ingest_flow_reports_and_publishes_its_table(prefect_harness, shared_dat
     # The CLI's entry point, without Prefect: everything is already there, so it only skips.
     again = run_ingest([str(shared_data / "cut-online" / "iter1.json")], warehouse, {}, 0.1, use_prefect=False)
     assert again["rows_read"] == 0 and len(again["skipped_files"]) == 1
+
+
+def test_a_warehouse_from_before_scores_gains_the_column(tmp_path):
+    """Files written by an earlier release open, keep their rows, and can then store scores."""
+    old = duckdb.connect(str(tmp_path / "old.duckdb"))
+    old.execute("CREATE TABLE triplets (id VARCHAR NOT NULL, instruction VARCHAR NOT NULL, response VARCHAR NOT NULL,"
+                " judgment VARCHAR, polarity VARCHAR, refined VARCHAR, contradiction BOOLEAN DEFAULT FALSE,"
+                " batch VARCHAR NOT NULL, source VARCHAR NOT NULL, row_number BIGINT NOT NULL,"
+                " ingested_at TIMESTAMP DEFAULT current_timestamp)")
+    old.execute("INSERT INTO triplets (id, instruction, response, polarity, batch, source, row_number)"
+                " VALUES ('x', 'q', 'a', 'positive', 'b', 's', 1)")
+    old.close()
+    con = wh.connect(tmp_path / "old.duckdb")
+    path = write_jsonl(tmp_path / "scored.jsonl", [{"instruction": "q2", "output": "a2", "judgment": "ok", "rating": 3}])
+    ingest_files(con, Source(paths=[str(path)], polarity=Polarity(score_column="rating", score_threshold=5)), batch="n")
+    assert con.sql("SELECT instruction, score FROM triplets WHERE id = 'x'").fetchall() == [("q", None)]
+    assert con.sql("SELECT score FROM triplets WHERE instruction = 'q2'").fetchall() == [(3.0,)]
