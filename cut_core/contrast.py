@@ -252,17 +252,33 @@ def _plan(
 
 def _ilf_rows(pos: pl.DataFrame, neg: pl.DataFrame, objective: Objective, refine_fn: RefineFn | None,
               stats: dict, rows: Callable[..., pl.DataFrame]) -> pl.DataFrame:
-    """ILF-MLE: y_hat | x. y_hat from the data's `refined` column, else from `refine_fn`."""
+    """ILF-MLE: y_hat | x. Positives keep their y (a positive judgment asks for no change)."""
+    refined = pl.col("refined") if objective.refined_column else pl.lit(None, dtype=pl.String)
+    has = refined.is_not_null() & (refined.str.strip_chars() != "")
+    pos = pos.with_columns(pl.when(has).then(refined).otherwise(pl.col("response")).alias("y_hat"))
+    usable = refined_negatives(neg, objective, refine_fn, stats)
+    stats["ilf_positives_as_is"] = pos.height
+    return pl.concat([rows(pos, "mle", 0, "plain", target=pl.col("y_hat")),
+                      rows(usable, "mle", 0, "plain", target=pl.col("y_hat"))])
+
+
+def refined_negatives(neg: pl.DataFrame, objective: Objective, refine_fn: RefineFn | None,
+                      stats: dict) -> pl.DataFrame:
+    """The negatives that have a refinement, with it as `y_hat` (ILF-MLE and ILF-DPO).
+
+    y_hat is the data's `refined` text (when objective.refined_column), else what `refine_fn`
+    returns for the rest, called once with all of them. A negative left without one is skipped
+    and counted in `stats` (ilf_refined_from_column, ilf_refined_generated, ilf_skipped_no_refinement).
+    """
     use_column = objective.refined_column
     refined = pl.col("refined") if use_column else pl.lit(None, dtype=pl.String)
     has = refined.is_not_null() & (refined.str.strip_chars() != "")
-    # A positive judgment asks for no change: the response is its own refinement.
-    pos = pos.with_columns(pl.when(has).then(refined).otherwise(pl.col("response")).alias("y_hat"))
     neg = neg.with_columns(pl.when(has).then(refined).otherwise(None).alias("y_hat"))
     from_column = neg.filter(pl.col("y_hat").is_not_null()).height
     need = neg.filter(pl.col("y_hat").is_null())
     if need.height and refine_fn is None and not use_column:
-        raise ValueError("ilf_mle with refined_column=False needs a refine_fn to generate refinements")
+        raise ValueError(f"{objective.name} with refined_column=False needs a refiner to write refinements "
+                         "(objective.refiner = 'model' or 'module:function')")
     generated = 0
     if need.height and refine_fn is not None:
         items = [(i, r, j or "") for i, r, j in need.select("instruction", "response", "judgment").iter_rows()]
@@ -275,10 +291,9 @@ def _ilf_rows(pos: pl.DataFrame, neg: pl.DataFrame, objective: Objective, refine
         neg = neg.join(gen, on="id", how="left").with_columns(
             pl.coalesce("y_hat", "generated").alias("y_hat")).drop("generated")
     usable = neg.filter(pl.col("y_hat").is_not_null())
-    stats.update(ilf_positives_as_is=pos.height, ilf_refined_from_column=from_column,
-                 ilf_refined_generated=generated, ilf_skipped_no_refinement=neg.height - usable.height)
-    return pl.concat([rows(pos, "mle", 0, "plain", target=pl.col("y_hat")),
-                      rows(usable, "mle", 0, "plain", target=pl.col("y_hat"))])
+    stats.update(ilf_refined_from_column=from_column, ilf_refined_generated=generated,
+                 ilf_skipped_no_refinement=neg.height - usable.height)
+    return usable
 
 
 # ---------------------------------------------------------------- tokenization

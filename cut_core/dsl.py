@@ -24,7 +24,7 @@ import runpy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CANONICAL_COLUMNS = ("instruction", "input", "response", "judgment")
 
@@ -155,8 +155,10 @@ Judge = Annotated[Union[FunctionJudge, TransformersJudge, OpenAIJudge], Field(di
 # ---------------------------------------------------------------- objective, adapter, training
 
 class Objective(Section):
-    name: Literal["cut", "sft", "hindsight", "forward_prediction", "ilf_mle"] = Field(
-        default="cut", description="training objective: cut, or a baseline (sft, hindsight, forward_prediction, ilf_mle)")
+    name: Literal["cut", "sft", "hindsight", "forward_prediction", "ilf_mle", "dpo", "ilf_dpo"] = Field(
+        default="cut",
+        description="training objective: cut, or a baseline (sft, hindsight, forward_prediction, ilf_mle; "
+                    "dpo and ilf_dpo need the 'dpo' extra: pip install 'cut-align[dpo]')")
     threshold: float = Field(
         default=1.2, ge=1.0,
         description="lambda of Eq. 5: a token is flagged when p(y|x,j-)/p(y|x) > threshold (>= 1; 1.1 online, 1.2 offline; inf disables)")
@@ -168,7 +170,22 @@ class Objective(Section):
         default=0.25, ge=0.0,
         description="keep at most ratio x #negatives Align-P examples (None keeps all)")
     refined_column: bool = Field(
-        default=True, description="ilf_mle: use the data's 'refined' column when present, else generate refinements")
+        default=True,
+        description="ilf_mle/ilf_dpo: use the data's 'refined' column when present, else ask the refiner")
+    refiner: str | None = Field(
+        default="model",
+        description="ilf_mle/ilf_dpo: who writes a refinement the data lacks: 'model' (the model being "
+                    "aligned, prompted with the refine template), a 'module:function' taking a list of "
+                    "(instruction, response, judgment) and returning one text or None each, or None (skip)")
+    refine_max_new_tokens: int = Field(default=256, ge=1, description="refiner='model': refinement length cap")
+    beta: float = Field(default=0.1, gt=0.0, description="dpo/ilf_dpo: the DPO temperature beta")
+
+    @field_validator("refiner")
+    @classmethod
+    def _refiner_spec(cls, v: str | None) -> str | None:
+        if v is not None and v != "model" and ":" not in v:
+            raise ValueError("refiner must be 'model', a 'module:function' spec, or None")
+        return v
 
 
 class LoRA(Section):
@@ -243,6 +260,9 @@ class Pipeline(Section):
             raise ValueError("online.iterations > 0 needs a judge to label the generations")
         if self.adapter is None and not self.training.full_finetune:
             raise ValueError("adapter=None needs training.full_finetune=True (or give a LoRA adapter)")
+        if self.online.iterations > 0 and self.objective.name == "dpo":
+            raise ValueError("objective 'dpo' pairs several scored responses of one instruction, and online "
+                             "iterations generate one response per instruction: use 'ilf_dpo' or 'cut' online")
         return self
 
     # -- serialisation: JSON is the interchange format (Prefect parameters, MLflow params)

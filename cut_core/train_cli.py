@@ -2,13 +2,16 @@
 
 CONFIG.json keys:
     model_path   local directory of a HF causal LM and its tokenizer
-    examples     the examples Parquet (contrast.py's output)
+    examples     the examples Parquet (contrast.py's output), or for dpo/ilf_dpo the pairs
+                 Parquet (preference.py's output), trained by TRL's DPOTrainer (cut_core/dpo.py)
     output_dir   where everything below is written
     objective    dsl.Objective as JSON (threshold, alpha, gamma, weighting, ...)
     adapter      dsl.LoRA as JSON, or null for full fine-tuning (needs training.full_finetune)
     training     dsl.Training as JSON
     report_to    optional: "none" (default), "mlflow", "tensorboard", ... (any Trainer integration)
     max_steps    optional: stop after this many optimizer steps (overrides training.epochs)
+    max_length   optional: dpo/ilf_dpo only, TRL's cap on prompt + completion tokens (CUT
+                 examples were already cut to fit when they were materialized)
 
 Writes into output_dir:
     checkpoints/checkpoint-N/   each with COMPLETE written last; only those are resumed from
@@ -32,7 +35,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CONFIG_KEYS = {"model_path", "examples", "output_dir", "objective", "adapter", "training", "report_to", "max_steps"}
+CONFIG_KEYS = {"model_path", "examples", "output_dir", "objective", "adapter", "training", "report_to", "max_steps",
+               "max_length"}
+DPO_OBJECTIVES = ("dpo", "ilf_dpo")
 REQUIRED_KEYS = ("model_path", "examples", "output_dir")
 HISTORY = "log_history.jsonl"
 
@@ -69,7 +74,9 @@ def validate_config(config: dict[str, Any]):
     if missing:
         raise ValueError(f"config is missing {missing}")
     objective = Objective.model_validate(config.get("objective") or {})
-    adapter = LoRA.model_validate(config["adapter"]) if config.get("adapter", {}) is not None else None
+    # An absent adapter means the default LoRA; an explicit null means full fine-tuning.
+    adapter_json = config.get("adapter", {})
+    adapter = LoRA.model_validate(adapter_json) if adapter_json is not None else None
     training = Training.model_validate(config.get("training") or {})
     if adapter is None and not training.full_finetune:
         raise ValueError("adapter is null: set training.full_finetune=true, or give a LoRA adapter")
@@ -87,8 +94,8 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     import torch
     from transformers import AutoTokenizer, TrainerCallback, set_seed
 
-    from .trainer import (CompleteMarkerCallback, CUTConfig, CUTTrainer, RecordDataset, latest_complete_checkpoint,
-                          load_model, load_records, remove_incomplete_checkpoints, save_final, training_dtype)
+    from .trainer import (CompleteMarkerCallback, latest_complete_checkpoint, load_records,
+                          remove_incomplete_checkpoints, save_final)
 
     torch.set_num_threads(_threads())
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -96,10 +103,17 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     history_path = output_dir / HISTORY
     rank0 = int(os.environ.get("RANK", "0")) == 0
 
-    records = load_records(config["examples"])
-    if objective.name != "cut" and any(r.kind == "cut" for r in records):
-        raise ValueError(f"objective {objective.name!r} is a baseline but {config['examples']} holds CUT pairs "
-                         "(align_n/misalign rows): materialize the examples for this objective")
+    dpo = objective.name in DPO_OBJECTIVES
+    if dpo:
+        from .dpo import require_trl
+
+        require_trl()  # before any work: the install hint, not a traceback mid-run
+        records = None
+    else:
+        records = load_records(config["examples"])
+        if objective.name != "cut" and any(r.kind == "cut" for r in records):
+            raise ValueError(f"objective {objective.name!r} is a baseline but {config['examples']} holds CUT pairs "
+                             "(align_n/misalign rows): materialize the examples for this objective")
 
     resume = latest_complete_checkpoint(checkpoints)
     if rank0:
@@ -108,12 +122,51 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
         kept_until = int(resume.name.split("-")[-1]) if resume else 0
         _write_history(history_path, [e for e in _read_history(history_path) if e["step"] <= kept_until])
 
+    class JsonlHistory(TrainerCallback):
+        """Appends each training log to log_history.jsonl as it happens (watchable live)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                with open(history_path, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    callbacks = [CompleteMarkerCallback(), JsonlHistory(), *(callbacks or [])]
     # Seed before building the model: LoRA's A matrices are initialised randomly.
     set_seed(training.seed)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    if dpo:
+        from .dpo import build_trainer
+
+        trainer = build_trainer(
+            model_path=config["model_path"], pairs_path=config["examples"], checkpoints=checkpoints,
+            objective=objective, adapter=adapter, training=training, tokenizer=tokenizer,
+            max_steps=config.get("max_steps"), max_length=config.get("max_length"),
+            report_to=config.get("report_to") or "none", callbacks=callbacks)
+    else:
+        trainer = _cut_trainer(config, objective, adapter, training, tokenizer, records, checkpoints, callbacks)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return {"output_dir": str(output_dir), "rank": int(os.environ.get("RANK", "0"))}
+
+    # The trainer state (restored from the checkpoint on resume) is the authoritative history.
+    history = [{"step": e["step"], **e} for e in trainer.state.log_history if "loss" in e]
+    _write_history(history_path, history)
+    written = save_final(trainer.model, tokenizer, output_dir)
+    summary = {"steps": trainer.state.global_step, "resumed_from": str(resume) if resume else None,
+               "records": len(trainer.train_dataset), **written}
+    marker.write_text(json.dumps(summary))
+    return {"output_dir": str(output_dir), "skipped": False, **summary}
+
+
+def _cut_trainer(config, objective, adapter, training, tokenizer, records, checkpoints: Path, callbacks: list):
+    """CUT and the MLE baselines: CUTTrainer on the examples' records."""
+    import torch
+
+    from .trainer import CUTConfig, CUTTrainer, RecordDataset, load_model, training_dtype
+
     model = load_model(config["model_path"], adapter, full_finetune=training.full_finetune)
     on_gpu = torch.cuda.is_available()
-
     args = CUTConfig(
         output_dir=str(checkpoints),
         threshold=objective.threshold, alpha=objective.alpha, gamma=objective.gamma, weighting=objective.weighting,
@@ -130,30 +183,8 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
         report_to=config.get("report_to") or "none",
         dataloader_pin_memory=on_gpu, disable_tqdm=True,
     )
-
-    class JsonlHistory(TrainerCallback):
-        """Appends each training log to log_history.jsonl as it happens (watchable live)."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs and "loss" in logs:
-                with open(history_path, "a") as f:
-                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    trainer = CUTTrainer(model=model, args=args, train_dataset=RecordDataset(records), processing_class=tokenizer,
-                         callbacks=[CompleteMarkerCallback(), JsonlHistory(), *(callbacks or [])])
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        return {"output_dir": str(output_dir), "rank": int(os.environ.get("RANK", "0"))}
-
-    # The trainer state (restored from the checkpoint on resume) is the authoritative history.
-    history = [{"step": e["step"], **e} for e in trainer.state.log_history if "loss" in e]
-    _write_history(history_path, history)
-    written = save_final(trainer.model, tokenizer, output_dir)
-    summary = {"steps": trainer.state.global_step, "resumed_from": str(resume) if resume else None,
-               "records": len(records), **written}
-    marker.write_text(json.dumps(summary))
-    return {"output_dir": str(output_dir), "skipped": False, **summary}
+    return CUTTrainer(model=model, args=args, train_dataset=RecordDataset(records), processing_class=tokenizer,
+                      callbacks=callbacks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -440,22 +440,29 @@ def training_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_model(model_path: str | Path, lora: Any | None, *, full_finetune: bool = False):
+def lora_config(lora: Any):
+    """A peft LoraConfig for a causal LM from a `dsl.LoRA` (or anything with its fields)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def load_model(model_path: str | Path, lora: Any | None, *, full_finetune: bool = False, wrap: bool = True):
     """The model to train: a LoRA-wrapped base (frozen base in `training_dtype()`, adapter in
     fp32), or the whole model in fp32 for full fine-tuning (bf16 autocast on GPU).
-    `lora` is a `dsl.LoRA` (or anything with r, alpha, dropout, target_modules)."""
+    `lora` is a `dsl.LoRA` (or anything with r, alpha, dropout, target_modules). wrap=False
+    returns the LoRA run's base unwrapped, for trainers that wrap it themselves (TRL's)."""
     from transformers import AutoModelForCausalLM
 
     if full_finetune or lora is None:
         if lora is None and not full_finetune:
             raise ValueError("no LoRA adapter given: set full_finetune=True to train every weight")
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype())
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(base, config)
+    return get_peft_model(base, lora_config(lora)) if wrap else base
 
 
 def save_final(model, tokenizer, output_dir: str | Path) -> dict[str, str]:

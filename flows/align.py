@@ -80,6 +80,7 @@ def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
             "objective": pipeline.objective.model_dump(mode="json"),
             "adapter": None if pipeline.training.full_finetune else pipeline.adapter.model_dump(mode="json"),
             "training": pipeline.training.model_dump(mode="json"),
+            "max_length": pipeline.model.max_length,  # read by dpo/ilf_dpo (TRL tokenizes the pairs)
             "report_to": "none"}
 
 

@@ -20,6 +20,22 @@ import sys
 from pathlib import Path
 
 
+def objective_summary(o) -> str:
+    """The objective and the settings it actually reads."""
+    refine = (f"refined column {'first' if o.refined_column else 'ignored'}, refiner {o.refiner}"
+              + (f" (max {o.refine_max_new_tokens} new tokens)" if o.refiner == "model" else ""))
+    if o.name == "cut":
+        return (f"cut (lambda {o.threshold}, alpha {o.alpha}, gamma {o.gamma}, weighting {o.weighting}, "
+                f"align_p_ratio {o.align_p_ratio})")
+    if o.name == "dpo":
+        return f"dpo via TRL (beta {o.beta}; pairs from scores, else polarity)"
+    if o.name == "ilf_dpo":
+        return f"ilf_dpo via TRL (beta {o.beta}; {refine})"
+    if o.name == "ilf_mle":
+        return f"ilf_mle ({refine})"
+    return o.name
+
+
 def parse_map(items: list[str]) -> dict[str, str]:
     mapping = {}
     for item in items:
@@ -50,9 +66,7 @@ def describe(pipeline) -> str:
                      + (f", built by {p.model.build}" if p.model.build else "") + ")")
     if p.judge:
         lines.append(f"  judge       {p.judge.kind}: " + json.dumps(p.judge.model_dump(exclude={'kind', 'system_prompt', 'user_prompt', 'prompt'})))
-    o = p.objective
-    lines.append(f"  objective   {o.name} (lambda {o.threshold}, alpha {o.alpha}, gamma {o.gamma}, "
-                 f"weighting {o.weighting}, align_p_ratio {o.align_p_ratio})")
+    lines.append(f"  objective   {objective_summary(p.objective)}")
     lines.append("  adapter     " + ("full fine-tune" if p.training.full_finetune else
                                      f"LoRA r={p.adapter.r} alpha={p.adapter.alpha} on {p.adapter.target_modules}"))
     t = p.training

@@ -1,8 +1,9 @@
-"""Prefect task: warehouse triplets -> examples Parquet (cut_core.contrast.materialize).
+"""Prefect task: warehouse triplets -> examples Parquet (cut_core.contrast.materialize), or
+preference pairs for dpo/ilf_dpo (cut_core.preference.materialize_pairs).
 
 Thin on purpose: read the labeled triplets with a read-only DuckDB connection (so it never
-waits on, or blocks, the warehouse's single writer), load the model's tokenizer, and let
-`contrast.materialize` do the work. The examples file is addressed by its digest, so a rerun
+waits on, or blocks, the warehouse's single writer), load the model's tokenizer, pick the
+objective's refiner (ILF), and let `contrast` / `preference` do the work. The examples file is addressed by its digest, so a rerun
 with the same inputs finds it and does nothing; no Prefect result caching is needed for that.
 Returns paths and digests only (never frames), as tasks in this project do.
 """
@@ -16,12 +17,13 @@ from prefect import task
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from cut_core import contrast
+from cut_core import contrast, preference
 from cut_core import warehouse as wh
+from cut_core.contrast import RefineFn
 from cut_core.dsl import Objective, import_callable
 
 TRIPLETS_SQL = """
-SELECT id, instruction, response, judgment, polarity, refined
+SELECT id, instruction, response, judgment, polarity, refined, score
 FROM triplets
 WHERE polarity IS NOT NULL {filters}
 ORDER BY id
@@ -35,6 +37,21 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
+def refiner_for(objective: Objective, model_path: str, template: str, max_length: int,
+                ) -> tuple[RefineFn | None, str | None]:
+    """(refine_fn, its digest name) for objective.refiner; (None, None) where no refiner applies."""
+    if objective.name not in ("ilf_mle", "ilf_dpo") or objective.refiner is None:
+        return None, None
+    if objective.refiner == "model":
+        from cut_core.refine import ModelRefiner
+
+        # The refine prompt carries x, y and j: leave the refinement its room in the context.
+        refiner = ModelRefiner(model_path, template=template, max_new_tokens=objective.refine_max_new_tokens,
+                               max_prompt_tokens=max(1, max_length - objective.refine_max_new_tokens))
+        return refiner, refiner.name
+    return import_callable(objective.refiner), objective.refiner
+
+
 @task(name="materialize-examples", task_run_name="materialize-{template}-{max_length}")
 def materialize_examples(
     warehouse: str,
@@ -45,7 +62,6 @@ def materialize_examples(
     max_length: int = 2048,
     workdir: str = "work",
     seed: int = 42,
-    refine_callable: str | None = None,
     sources: list[str] | None = None,
 ) -> dict:
     """Materialize the examples of `batch` (None: every batch) for the model at `model_path`.
@@ -53,8 +69,8 @@ def materialize_examples(
     sources: optionally keep only triplets ingested from these files (offline pipelines train
         on their declared sources, whichever batch first ingested them).
     objective_json: the DSL `Objective` as JSON (`pipeline.objective.model_dump_json()`).
-    refine_callable: optional 'module:function' used by ilf_mle to refine negatives that have
-        no refined text (see contrast.materialize's refine_fn); its spec names it in the digest.
+    ILF objectives refine the negatives that lack a refined text with objective.refiner: 'model'
+    (the model at `model_path`) or a 'module:function'; the refiner's name enters the digest.
     Returns {"path": str, "digest": str, "stats": dict}; the file is
     `<workdir>/examples/<digest>.parquet`.
     """
@@ -78,10 +94,15 @@ def materialize_examples(
                          + "; ingest (and label) data first")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    refine_fn = import_callable(refine_callable) if refine_callable else None
-    path = contrast.materialize(
-        triplets, tokenizer, objective=objective, template=template, max_length=max_length,
-        out_dir=Path(workdir) / "examples", seed=seed, refine_fn=refine_fn, refine_name=refine_callable)
+    refine_fn, refine_name = refiner_for(objective, model_path, template, max_length)
+    out_dir = Path(workdir) / "examples"
+    if objective.name in preference.OBJECTIVES:
+        path = preference.materialize_pairs(triplets, tokenizer, objective=objective, template=template,
+                                            out_dir=out_dir, refine_fn=refine_fn, refine_name=refine_name)
+    else:
+        path = contrast.materialize(
+            triplets, tokenizer, objective=objective, template=template, max_length=max_length,
+            out_dir=out_dir, seed=seed, refine_fn=refine_fn, refine_name=refine_name)
     stats = contrast.read_stats(path)
     _logger().info("examples %s: %s rows %s, %s prompt / %s response truncations", path.name,
                    stats.get("rows"), stats.get("rows_by_kind"), stats.get("prompt_truncated"),

@@ -288,7 +288,7 @@ def test_ilf_mle_rows(tok, tmp_path):
     build(tok, tmp_path, triplets=t, objective=Objective(name="ilf_mle"), refine_fn=polite)
     assert len(calls) == 1  # reused file: no second generation
 
-    with pytest.raises(ValueError, match="refine_fn"):
+    with pytest.raises(ValueError, match="needs a refiner"):
         build(tok, tmp_path, triplets=t, objective=Objective(name="ilf_mle", refined_column=False))
 
 

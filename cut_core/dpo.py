@@ -1,0 +1,80 @@
+"""DPO and ILF-DPO: the preference baselines, trained by TRL's DPOTrainer (the 'dpo' extra).
+
+Not a hand-written DPO: TRL owns the loss, the reference model and the tokenization of
+`prompt + chosen/rejected` (it appends EOS). This module only maps the DSL onto a `DPOConfig`
+and hands the trainer the pairs file of `preference.py`; train_cli.py runs it with the same
+contract as CUT (checkpoints with COMPLETE markers, resume, log_history.jsonl, adapter/,
+merged/, COMPLETE).
+
+The reference model: with LoRA, TRL wraps the base itself and the reference is the base with
+the adapter disabled (no second copy in memory); with full fine-tuning, TRL loads a frozen copy
+from the same local folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cut_core.dsl import LoRA, Objective, Training
+
+INSTALL_HINT = "objectives 'dpo' and 'ilf_dpo' need TRL: pip install 'cut-align[dpo]'"
+
+
+def require_trl() -> None:
+    """Fail early, with the install command, when the extra is missing."""
+    try:
+        import trl  # noqa: F401
+    except ImportError as err:
+        raise ImportError(INSTALL_HINT) from err
+
+
+def build_trainer(
+    *,
+    model_path: str,
+    pairs_path: str,
+    checkpoints: Path,
+    objective: Objective,
+    adapter: LoRA | None,
+    training: Training,
+    tokenizer: Any,
+    max_steps: int | None,
+    max_length: int | None,
+    report_to: str,
+    callbacks: list,
+):
+    """A ready DPOTrainer on the pairs file; the caller trains, resumes and saves it."""
+    require_trl()
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from cut_core.preference import load_pairs
+    from cut_core.trainer import load_model, lora_config, training_dtype
+
+    pairs = load_pairs(pairs_path)
+    dataset = Dataset.from_dict({c: pairs[c].to_list() for c in ("prompt", "chosen", "rejected")})
+    on_gpu = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(checkpoints),
+        beta=objective.beta, max_length=max_length,
+        learning_rate=training.learning_rate, num_train_epochs=training.epochs,
+        max_steps=max_steps or -1,
+        per_device_train_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation,
+        lr_scheduler_type=training.scheduler, warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay, seed=training.seed,
+        activation_checkpointing=training.gradient_checkpointing,
+        save_strategy="steps", save_steps=training.save_steps,
+        logging_strategy="steps", logging_steps=training.logging_steps,
+        bf16=on_gpu and training_dtype() == torch.bfloat16,
+        report_to=report_to, dataloader_pin_memory=on_gpu, disable_tqdm=True,
+        # The model folder is local and complete; TRL must not look anything up.
+        model_init_kwargs=None,
+    )
+    model = load_model(model_path, adapter, full_finetune=training.full_finetune, wrap=False)
+    return DPOTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=None if training.full_finetune else lora_config(adapter),
+        callbacks=callbacks,
+    )
