@@ -6,7 +6,11 @@ steps per example); only the objective differs. Accuracy is the verifier's held-
 after the last iteration. Each objective runs as its own pipeline (its own MLflow experiment),
 so the runs can be compared in the MLflow UI afterwards.
 
-    .venv/bin/python bench/quality.py [--iterations K] [--objectives cut,sft,hindsight,forward_prediction]
+    .venv/bin/python bench/quality.py [--iterations K] [--objectives cut,sft,hindsight,forward_prediction,...]
+
+ilf_mle and ilf_dpo get their refinements from the model being aligned (objective.refiner =
+"model"), as the paper's online ILF does; dpo has no place in this online loop (one response per
+instruction, so no scored pairs) and is refused by the DSL.
 
 Last line: {"accuracy": {objective: accuracy}, "base": accuracy, "per_iteration": {...}, ...}
 """
@@ -28,7 +32,7 @@ import flows  # noqa: E402,F401  (quiet, offline library defaults)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objectives", default="cut,sft,hindsight,forward_prediction")
+    parser.add_argument("--objectives", default="cut,sft,hindsight,forward_prediction,ilf_mle,ilf_dpo")
     parser.add_argument("--iterations", type=int, default=None, help="default: the demo's")
     parser.add_argument("--workdir", default=str(ROOT / "work" / "bench-quality"))
     args = parser.parse_args()

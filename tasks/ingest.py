@@ -12,23 +12,13 @@ JSON (source declarations, paths, report dicts), never connections or frames.
 
 from __future__ import annotations
 
-import logging
-
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 
 from cut_core import warehouse as wh
 from cut_core.dsl import Source
 from cut_core.ingest import REASONS, IngestReport, check_reject_rate, ingest_sources
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called as ingest_source.fn(...) outside a run
-        return logging.getLogger(__name__)
+from tasks.logs import task_logger
 
 
 def _retry_when_busy(task, task_run, state) -> bool:
@@ -64,7 +54,7 @@ def ingest_source(source: str | dict, warehouse: str, max_reject_rate: float | N
         report = ingest_sources(con, [src], batch=batch)
     finally:
         con.close()
-    log = _logger()
+    log = task_logger(__name__)
     for f in report.files:
         if f.skipped:
             log.info(f"{f.path}: already ingested (batch {f.earlier['batch']}); skipped")

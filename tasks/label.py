@@ -11,18 +11,16 @@ calls failed (a wrong key or a dead endpoint should stop the flow, not train on 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import polars as pl
 from prefect import task
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 
 from cut_core.dsl import Pipeline
 from cut_core.judges import (DEFAULT_POSITIVE_PREFIXES, Judge, apply_judgments, build_judge, label_pending,
                              unlabeled_triplets)
 from cut_core.warehouse import connect, content_key
+from tasks.logs import task_logger
 
 
 def resolve_secret(name: str) -> str:
@@ -30,14 +28,6 @@ def resolve_secret(name: str) -> str:
     from prefect.blocks.system import Secret
 
     return Secret.load(name).get()
-
-
-def _logger():
-    # `task.fn(...)` (tests, notebooks) runs without a Prefect run context.
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 class TooManyFailedJudgments(RuntimeError):
@@ -58,7 +48,7 @@ def pipeline_judge(pipeline: Pipeline) -> Judge:
 
 
 def _check(counts: dict, judge: Judge, max_failed_rate: float) -> None:
-    _logger().info(
+    task_logger(__name__).info(
         "judge %s: %d requested, %d cached, %d judged (%d ok: %d positive, %d negative; %d failed)",
         judge.name, counts["requested"], counts["cached"], counts["judged"], counts["ok"],
         counts["positives"], counts["negatives"], counts["failed"])

@@ -10,17 +10,15 @@ Returns paths and digests only (never frames), as tasks in this project do.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from prefect import task
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 
 from cut_core import contrast, preference
 from cut_core import warehouse as wh
 from cut_core.contrast import RefineFn
 from cut_core.dsl import Objective, import_callable
+from tasks.logs import task_logger
 
 TRIPLETS_SQL = """
 SELECT id, instruction, response, judgment, polarity, refined, score
@@ -28,13 +26,6 @@ FROM triplets
 WHERE polarity IS NOT NULL {filters}
 ORDER BY id
 """
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called as materialize_examples.fn(...) outside a run
-        return logging.getLogger(__name__)
 
 
 def refiner_for(objective: Objective, model_path: str, template: str, max_length: int,
@@ -104,7 +95,8 @@ def materialize_examples(
             triplets, tokenizer, objective=objective, template=template, max_length=max_length,
             out_dir=out_dir, seed=seed, refine_fn=refine_fn, refine_name=refine_name)
     stats = contrast.read_stats(path)
-    _logger().info("examples %s: %s rows %s, %s prompt / %s response truncations", path.name,
-                   stats.get("rows"), stats.get("rows_by_kind"), stats.get("prompt_truncated"),
-                   stats.get("response_truncated"))
+    truncations = (f", {stats.get('prompt_truncated')} prompt / {stats.get('response_truncated')} response "
+                   "truncations" if "prompt_truncated" in stats else "")
+    task_logger(__name__).info("examples %s: %s rows %s%s", path.name, stats.get("rows"), stats.get("rows_by_kind"),
+                               truncations)
     return {"path": str(path), "digest": path.stem, "stats": stats}

@@ -52,6 +52,8 @@ def test_full_declaration_round_trips_with_every_section():
     ('objective=Objective(alpha=-1)', "objective.alpha", "unlikelihood weight"),
     ('objective=Objective(threshold=0.5)', "objective.threshold", "flagged"),
     ('objective=Objective(name="dpo_magic")', "objective.name", "baseline"),
+    ('objective=Objective(name="ilf_dpo", refiner="my_refiner")', "objective.refiner", "module:function"),
+    ('objective=Objective(name="dpo", beta=0)', "objective.beta", "DPO temperature"),
     ('training=Training(learnig_rate=1e-4)', "training.learnig_rate", "unknown field"),
     ('sources=[Source(paths=[])]', "sources[i].paths", "glob"),
     ('judge=OpenAIJudge(model="gpt-4")', "judge.base_url", "OpenAI-compatible"),
@@ -73,6 +75,9 @@ def test_cross_field_rules_explain_themselves(tmp_path):
         Pipeline(name="x", online=Online(iterations=1, prompts="p.jsonl"))
     with pytest.raises(Exception, match="score_column and score_threshold"):
         Polarity(score_column="s")
+    with pytest.raises(Exception, match="use 'ilf_dpo' or 'cut' online"):
+        Pipeline(name="x", online=Online(iterations=1, prompts="p.jsonl"), objective=Objective(name="dpo"),
+                 judge=FunctionJudge(callable="cut_core.demo_task:judge"))
 
 
 def test_file_without_pipeline_is_a_clear_error(tmp_path):
