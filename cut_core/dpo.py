@@ -69,8 +69,6 @@ def build_trainer(
         logging_strategy="steps", logging_steps=training.logging_steps,
         bf16=on_gpu and training_dtype() == torch.bfloat16,
         report_to=report_to, dataloader_pin_memory=on_gpu, disable_tqdm=True,
-        # The model folder is local and complete; TRL must not look anything up.
-        model_init_kwargs=None,
     )
     model = load_model(model_path, adapter, full_finetune=training.full_finetune, wrap=False)
     return DPOTrainer(

@@ -154,6 +154,10 @@ Judge = Annotated[Union[FunctionJudge, TransformersJudge, OpenAIJudge], Field(di
 
 # ---------------------------------------------------------------- objective, adapter, training
 
+# The objectives trained by TRL's DPOTrainer on preference pairs (the 'dpo' extra).
+DPO_OBJECTIVES = ("dpo", "ilf_dpo")
+
+
 class Objective(Section):
     name: Literal["cut", "sft", "hindsight", "forward_prediction", "ilf_mle", "dpo", "ilf_dpo"] = Field(
         default="cut",

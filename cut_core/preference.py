@@ -37,11 +37,10 @@ import polars as pl
 from cut_core import templates
 from cut_core.contrast import (RefineFn, _digest, _write_atomic, labeled_triplets, refined_negatives,
                                stats_path)
-from cut_core.dsl import Objective
+from cut_core.dsl import DPO_OBJECTIVES, Objective
 
 # Bump when the way pairs are built changes: old files must not be reused.
 FORMAT_VERSION = 1
-OBJECTIVES = ("dpo", "ilf_dpo")
 PAIR_SCHEMA = {
     "triplet_id": pl.String,
     "chosen_id": pl.String,
@@ -136,8 +135,8 @@ def materialize_pairs(
         contrast.materialize. Raises ValueError when no pair can be built: DPO on nothing
         would train on nothing.
     """
-    if objective.name not in OBJECTIVES:
-        raise ValueError(f"materialize_pairs builds {OBJECTIVES}; {objective.name!r} uses contrast.materialize")
+    if objective.name not in DPO_OBJECTIVES:
+        raise ValueError(f"materialize_pairs builds {DPO_OBJECTIVES}; {objective.name!r} uses contrast.materialize")
     if template == "chat" and not templates.has_chat_template(tokenizer):
         raise ValueError("template='chat' needs a tokenizer with a chat template; use template='alpaca'")
     if refine_fn is not None and refine_name is None:

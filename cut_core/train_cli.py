@@ -37,7 +37,6 @@ from typing import Any
 
 CONFIG_KEYS = {"model_path", "examples", "output_dir", "objective", "adapter", "training", "report_to", "max_steps",
                "max_length"}
-DPO_OBJECTIVES = ("dpo", "ilf_dpo")
 REQUIRED_KEYS = ("model_path", "examples", "output_dir")
 HISTORY = "log_history.jsonl"
 
@@ -94,6 +93,7 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     import torch
     from transformers import AutoTokenizer, TrainerCallback, set_seed
 
+    from .dsl import DPO_OBJECTIVES
     from .trainer import (CompleteMarkerCallback, latest_complete_checkpoint, load_records,
                           remove_incomplete_checkpoints, save_final)
 

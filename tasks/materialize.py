@@ -17,7 +17,7 @@ from prefect import task
 from cut_core import contrast, preference
 from cut_core import warehouse as wh
 from cut_core.contrast import RefineFn
-from cut_core.dsl import Objective, import_callable
+from cut_core.dsl import DPO_OBJECTIVES, Objective, import_callable
 from tasks.logs import task_logger
 
 TRIPLETS_SQL = """
@@ -87,7 +87,7 @@ def materialize_examples(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     refine_fn, refine_name = refiner_for(objective, model_path, template, max_length)
     out_dir = Path(workdir) / "examples"
-    if objective.name in preference.OBJECTIVES:
+    if objective.name in DPO_OBJECTIVES:
         path = preference.materialize_pairs(triplets, tokenizer, objective=objective, template=template,
                                             out_dir=out_dir, refine_fn=refine_fn, refine_name=refine_name)
     else:

@@ -7,7 +7,8 @@ refiner only for the rest; the pairs file is digest-addressed (a rerun calls no 
 scores make a new DPO file); no pair is a clear error; the built-in ModelRefiner writes one
 refinement per item with a tiny model and its name follows the model's weights; DPO trains
 through TRL's DPOTrainer in the training subprocess contract (LoRA and full fine-tuning, COMPLETE,
-merged model, rerun no-op) and moves the policy's preference margin towards the chosen answers;
+merged model, rerun no-op, resume after a crash to the uninterrupted run's losses) and moves the
+policy's preference margin towards the chosen answers; a missing TRL names the extra to install;
 the materialize task routes dpo objectives to pairs and reads scores from the warehouse.
 """
 
@@ -176,6 +177,44 @@ def test_dpo_trains_through_trl(tiny, tok, tmp_path, full_finetune):
     assert after > before + 2.0, (before, after)  # measured: 0.39 -> 4.2 (LoRA), 3.7 (full)
     assert history[-1]["rewards/margins"] > 0 and history[-1]["rewards/accuracies"] >= 0.75
     assert train_cli.run(config)["skipped"] is True  # a finished run is not redone
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_dpo_resumes_after_a_crash_to_the_uninterrupted_losses(tiny, tok, tmp_path):
+    from transformers import TrainerCallback
+
+    rows = []
+    for k, (x, good, bad) in enumerate(ADD_PAIRS):
+        rows += [(f"g{k}", x, good, None, "positive", None, 1.0), (f"b{k}", x, bad, "Off by one.", "negative", None, 0.0)]
+    pairs = materialize_pairs(frame(rows), tok, objective=Objective(name="dpo"), out_dir=tmp_path / "ex")
+
+    def config(out: Path) -> dict:
+        return {"model_path": str(tiny), "examples": str(pairs), "output_dir": str(out),
+                "objective": {"name": "dpo"}, "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+                "training": {"learning_rate": 5e-3, "micro_batch_size": 4, "gradient_accumulation": 1,
+                             "warmup_steps": 0, "logging_steps": 1, "epochs": 1, "save_steps": 3}, "max_length": 64}
+
+    train_cli.run(config(tmp_path / "ref"))
+
+    class CrashAtStep4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise _Crash("injected after checkpoint-3")
+
+    with pytest.raises(_Crash):
+        train_cli.run(config(tmp_path / "run"), callbacks=[CrashAtStep4()])
+    resumed = train_cli.run(config(tmp_path / "run"))
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == 6
+
+    def losses(out: Path) -> list[tuple[int, float]]:
+        return [(h["step"], h["loss"]) for h in map(json.loads, (out / "log_history.jsonl").read_text().splitlines())]
+
+    got, want = losses(tmp_path / "run"), losses(tmp_path / "ref")
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4, 5, 6]
+    assert [l for _, l in got] == pytest.approx([l for _, l in want], rel=1e-4, abs=1e-6)
 
 
 def test_missing_trl_names_the_extra(tiny, tmp_path, monkeypatch):
