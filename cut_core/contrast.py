@@ -414,6 +414,23 @@ def read_stats(parquet: str | Path) -> dict:
 
 # ---------------------------------------------------------------- entry point
 
+def check_template(tokenizer: Any, template: str) -> None:
+    """The template/tokenizer mistakes a user can fix, raised before any work."""
+    if template not in templates.TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {templates.TEMPLATES}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; every sequence ends with EOS")
+    if template == "chat" and not templates.has_chat_template(tokenizer):
+        raise ValueError("template='chat' needs a tokenizer with a chat template; use template='alpaca'")
+
+
+def refiner_name(refine_fn: RefineFn | None, refine_name: str | None) -> str | None:
+    """The name a refine_fn enters the digest by: the given one, else its module and qualified name."""
+    if refine_fn is None or refine_name is not None:
+        return refine_name
+    return f"{getattr(refine_fn, '__module__', '?')}.{getattr(refine_fn, '__qualname__', repr(refine_fn))}"
+
+
 def materialize(
     triplets: pl.DataFrame,
     tokenizer: Any,
@@ -439,14 +456,8 @@ def materialize(
         the generator changes, as with a judge's name.
     Returns `<out_dir>/<digest>.parquet`; `read_stats(path)` gives the sidecar stats.
     """
-    if template not in templates.TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose one of {templates.TEMPLATES}")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; every sequence ends with EOS")
-    if template == "chat" and not templates.has_chat_template(tokenizer):
-        raise ValueError("template='chat' needs a tokenizer with a chat template; use template='alpaca'")
-    if refine_fn is not None and refine_name is None:
-        refine_name = f"{getattr(refine_fn, '__module__', '?')}.{getattr(refine_fn, '__qualname__', repr(refine_fn))}"
+    check_template(tokenizer, template)
+    refine_name = refiner_name(refine_fn, refine_name)
 
     started = time.perf_counter()
     out_dir = Path(out_dir)

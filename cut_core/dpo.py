@@ -45,31 +45,16 @@ def build_trainer(
 ):
     """A ready DPOTrainer on the pairs file; the caller trains, resumes and saves it."""
     require_trl()
-    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from cut_core.preference import load_pairs
-    from cut_core.trainer import load_model, lora_config, training_dtype
+    from cut_core.trainer import load_model, lora_config, training_arguments
 
     pairs = load_pairs(pairs_path)
     dataset = Dataset.from_dict({c: pairs[c].to_list() for c in ("prompt", "chosen", "rejected")})
-    on_gpu = torch.cuda.is_available()
-    args = DPOConfig(
-        output_dir=str(checkpoints),
-        beta=objective.beta, max_length=max_length,
-        learning_rate=training.learning_rate, num_train_epochs=training.epochs,
-        max_steps=max_steps or -1,
-        per_device_train_batch_size=training.micro_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation,
-        lr_scheduler_type=training.scheduler, warmup_steps=training.warmup_steps,
-        weight_decay=training.weight_decay, seed=training.seed,
-        activation_checkpointing=training.gradient_checkpointing,
-        save_strategy="steps", save_steps=training.save_steps,
-        logging_strategy="steps", logging_steps=training.logging_steps,
-        bf16=on_gpu and training_dtype() == torch.bfloat16,
-        report_to=report_to, dataloader_pin_memory=on_gpu, disable_tqdm=True,
-    )
+    args = DPOConfig(beta=objective.beta, max_length=max_length,
+                     **training_arguments(training, output_dir=checkpoints, max_steps=max_steps, report_to=report_to))
     model = load_model(model_path, adapter, full_finetune=training.full_finetune, wrap=False)
     return DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

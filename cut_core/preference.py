@@ -35,8 +35,8 @@ from typing import Any
 import polars as pl
 
 from cut_core import templates
-from cut_core.contrast import (RefineFn, _digest, _write_atomic, labeled_triplets, refined_negatives,
-                               stats_path)
+from cut_core.contrast import (RefineFn, _digest, _write_atomic, check_template, labeled_triplets,
+                               refined_negatives, refiner_name, stats_path)
 from cut_core.dsl import DPO_OBJECTIVES, Objective
 
 # Bump when the way pairs are built changes: old files must not be reused.
@@ -137,10 +137,8 @@ def materialize_pairs(
     """
     if objective.name not in DPO_OBJECTIVES:
         raise ValueError(f"materialize_pairs builds {DPO_OBJECTIVES}; {objective.name!r} uses contrast.materialize")
-    if template == "chat" and not templates.has_chat_template(tokenizer):
-        raise ValueError("template='chat' needs a tokenizer with a chat template; use template='alpaca'")
-    if refine_fn is not None and refine_name is None:
-        refine_name = f"{getattr(refine_fn, '__module__', '?')}.{getattr(refine_fn, '__qualname__', repr(refine_fn))}"
+    check_template(tokenizer, template)
+    refine_name = refiner_name(refine_fn, refine_name)
 
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -161,28 +161,13 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
 
 def _cut_trainer(config, objective, adapter, training, tokenizer, records, checkpoints: Path, callbacks: list):
     """CUT and the MLE baselines: CUTTrainer on the examples' records."""
-    import torch
-
-    from .trainer import CUTConfig, CUTTrainer, RecordDataset, load_model, training_dtype
+    from .trainer import CUTConfig, CUTTrainer, RecordDataset, load_model, training_arguments
 
     model = load_model(config["model_path"], adapter, full_finetune=training.full_finetune)
-    on_gpu = torch.cuda.is_available()
     args = CUTConfig(
-        output_dir=str(checkpoints),
         threshold=objective.threshold, alpha=objective.alpha, gamma=objective.gamma, weighting=objective.weighting,
-        learning_rate=training.learning_rate, num_train_epochs=training.epochs,
-        max_steps=config.get("max_steps") or -1,
-        per_device_train_batch_size=training.micro_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation,
-        lr_scheduler_type=training.scheduler, warmup_steps=training.warmup_steps,
-        weight_decay=training.weight_decay, seed=training.seed,
-        activation_checkpointing=training.gradient_checkpointing,
-        save_strategy="steps", save_steps=training.save_steps,
-        logging_strategy="steps", logging_steps=training.logging_steps,
-        bf16=on_gpu and training_dtype() == torch.bfloat16,
-        report_to=config.get("report_to") or "none",
-        dataloader_pin_memory=on_gpu, disable_tqdm=True,
-    )
+        **training_arguments(training, output_dir=checkpoints, max_steps=config.get("max_steps"),
+                             report_to=config.get("report_to") or "none"))
     return CUTTrainer(model=model, args=args, train_dataset=RecordDataset(records), processing_class=tokenizer,
                       callbacks=callbacks)
 

@@ -440,6 +440,25 @@ def training_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def training_arguments(training: Any, *, output_dir: str | Path, max_steps: int | None, report_to: str) -> dict:
+    """The `TrainingArguments` fields a `dsl.Training` decides, shared by CUT's and TRL's configs:
+    steps/checkpoints/logs as the DSL says, bf16 on a bf16-capable GPU, fp32 on CPU."""
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=training.learning_rate, num_train_epochs=training.epochs, max_steps=max_steps or -1,
+        per_device_train_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation,
+        lr_scheduler_type=training.scheduler, warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay, seed=training.seed,
+        activation_checkpointing=training.gradient_checkpointing,
+        save_strategy="steps", save_steps=training.save_steps,
+        logging_strategy="steps", logging_steps=training.logging_steps,
+        bf16=on_gpu and training_dtype() == torch.bfloat16,
+        report_to=report_to, dataloader_pin_memory=on_gpu, disable_tqdm=True,
+    )
+
+
 def lora_config(lora: Any):
     """A peft LoraConfig for a causal LM from a `dsl.LoRA` (or anything with its fields)."""
     from peft import LoraConfig
