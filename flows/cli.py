@@ -87,14 +87,36 @@ def describe(pipeline) -> str:
 
 # ----------------------------------------------------------------------------- commands
 
+def missing_extra(pipeline) -> str | None:
+    """What the declaration needs that this install lacks (the TRL extra for dpo/ilf_dpo)."""
+    from cut_core.dpo import INSTALL_HINT, require_trl
+    from cut_core.dsl import DPO_OBJECTIVES
+
+    if pipeline.objective.name in DPO_OBJECTIVES:
+        try:
+            require_trl()
+        except ImportError:
+            return INSTALL_HINT
+    return None
+
+
 def cmd_check(args) -> int:
-    print(describe(load(args.pipeline)))
+    pipeline = load(args.pipeline)
+    print(describe(pipeline))
+    missing = missing_extra(pipeline)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     print("ok: the declaration is valid")
     return 0
 
 
 def cmd_run(args) -> int:
     pipeline = load(args.pipeline)
+    missing = missing_extra(pipeline)
+    if missing:  # before ingesting or generating anything
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     from flows.align import run_pipeline
     result = run_pipeline(pipeline)
     print(json.dumps(result, default=str))

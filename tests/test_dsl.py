@@ -95,6 +95,18 @@ def test_check_command_prints_the_plan():
     assert "ingest -> label unlabeled -> materialize -> train" in out.stdout
 
 
+def test_check_names_the_missing_dpo_extra():
+    ilf_dpo = str(ROOT / "pipelines" / "shepherd_ilf_dpo.py")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "check", ilf_dpo], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "objective   ilf_dpo via TRL (beta 0.1" in out.stdout, out.stderr
+    # an install without the extra: TRL cannot be imported
+    hide_trl = "import sys; sys.modules['trl'] = None; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
+    for command in ("check", "run"):
+        out = subprocess.run([sys.executable, "-c", hide_trl, command, ilf_dpo], capture_output=True, text=True,
+                             cwd=ROOT)
+        assert out.returncode == 2 and "pip install 'cut-align[dpo]'" in out.stderr, (command, out.stderr)
+
+
 def test_check_command_fails_with_the_field(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from cut_core.dsl import *\npipeline = Pipeline(name='b', training=Training(epochs=0))\n")
