@@ -45,7 +45,9 @@ def main() -> None:
     results, per_iteration, seconds = {}, {}, {}
     base = None
     for name in args.objectives.split(","):
-        objective = demo.objective.model_copy(update={"name": name})
+        # ILF: a refinement as long as an answer the demo generates (its answers are a few tokens)
+        objective = demo.objective.model_copy(update={"name": name,
+                                                      "refine_max_new_tokens": demo.online.max_new_tokens})
         online = demo.online if args.iterations is None else demo.online.model_copy(update={"iterations": args.iterations})
         pipeline = demo.model_copy(update={
             "name": f"quality-{name.replace('_', '-')}", "workdir": str(Path(args.workdir) / name),

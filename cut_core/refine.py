@@ -49,12 +49,11 @@ class ModelRefiner:
     """
 
     def __init__(self, model_path: str | Path, *, template: str = "alpaca", max_new_tokens: int = 256,
-                 batch_size: int = 16, max_prompt_tokens: int | None = None):
+                 batch_size: int = 16):
         self.model_path = str(model_path)
         self.template = template
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.max_prompt_tokens = max_prompt_tokens
         self.name = f"model:{model_fingerprint(model_path)}:{template}:{max_new_tokens}"
 
     def __call__(self, items: Sequence[tuple[str, str, str]]) -> list[str | None]:
@@ -67,9 +66,12 @@ class ModelRefiner:
         try:
             prompts = [templates.render("refine", self.template, x, response=y, judgment=j, tokenizer=tokenizer)
                        for x, y, j in items]
+            # A refine prompt holds x, y and j, so it is longer than a training prompt: it may use
+            # the model's whole context, less the refinement's room (cut from the left if longer).
+            context = getattr(model.config, "max_position_embeddings", None)
+            room = max(1, context - self.max_new_tokens) if context else None
             texts = generate_texts(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens,
-                                   batch_size=self.batch_size, greedy=True,
-                                   max_prompt_tokens=self.max_prompt_tokens)
+                                   batch_size=self.batch_size, greedy=True, max_prompt_tokens=room)
         finally:
             del model
         # An empty generation is no refinement; the caller skips that negative and counts it.

@@ -28,17 +28,14 @@ ORDER BY id
 """
 
 
-def refiner_for(objective: Objective, model_path: str, template: str, max_length: int,
-                ) -> tuple[RefineFn | None, str | None]:
+def refiner_for(objective: Objective, model_path: str, template: str) -> tuple[RefineFn | None, str | None]:
     """(refine_fn, its digest name) for objective.refiner; (None, None) where no refiner applies."""
     if objective.name not in ("ilf_mle", "ilf_dpo") or objective.refiner is None:
         return None, None
     if objective.refiner == "model":
         from cut_core.refine import ModelRefiner
 
-        # The refine prompt carries x, y and j: leave the refinement its room in the context.
-        refiner = ModelRefiner(model_path, template=template, max_new_tokens=objective.refine_max_new_tokens,
-                               max_prompt_tokens=max(1, max_length - objective.refine_max_new_tokens))
+        refiner = ModelRefiner(model_path, template=template, max_new_tokens=objective.refine_max_new_tokens)
         return refiner, refiner.name
     return import_callable(objective.refiner), objective.refiner
 
@@ -85,7 +82,7 @@ def materialize_examples(
                          + "; ingest (and label) data first")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    refine_fn, refine_name = refiner_for(objective, model_path, template, max_length)
+    refine_fn, refine_name = refiner_for(objective, model_path, template)
     out_dir = Path(workdir) / "examples"
     if objective.name in DPO_OBJECTIVES:
         path = preference.materialize_pairs(triplets, tokenizer, objective=objective, template=template,

@@ -128,6 +128,22 @@ def test_model_refiner_writes_one_refinement_each_and_names_the_weights(tiny, tm
     assert ModelRefiner(tiny, max_new_tokens=7).name != refiner.name
 
 
+def test_model_refiner_prompt_keeps_response_and_judgment(tiny, monkeypatch):
+    """The refine prompt (x, y, j) may use the model's context, not the training max_length."""
+    import cut_core.generate
+    seen = {}
+    real = cut_core.generate.generate_texts
+
+    def spy(model, tokenizer, prompts, **kw):
+        seen.update(prompts=list(prompts), **kw)
+        return real(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(cut_core.generate, "generate_texts", spy)
+    ModelRefiner(tiny, max_new_tokens=6)([("Add 2 and 2.", "5", "The sum is off by one.")])
+    assert seen["prompts"][0].endswith("### Response:\n5\n\n### Judgment:\nThe sum is off by one.\n\n### Refined Response:\n")
+    assert seen["max_prompt_tokens"] == 2048 - 6 and seen["greedy"] is True
+
+
 # ---------------------------------------------------------------- training through TRL
 
 ADD_PAIRS = [(f"Add {i} and {j}.", f"{i + j} Apple.", f"{i + j} Rock.") for i in range(6) for j in range(4)]
@@ -244,8 +260,8 @@ def test_task_builds_pairs_from_warehouse_scores(tiny, tmp_path):
                                   workdir=str(tmp_path / "work"))
     assert res["stats"]["rows_by_kind"] == {"dpo": 3}
     # the refiner a declaration names: the model itself, a function, or none (and none for CUT)
-    fn, name = refiner_for(Objective(name="ilf_dpo"), str(tiny), "alpaca", 64)
+    fn, name = refiner_for(Objective(name="ilf_dpo"), str(tiny), "alpaca")
     assert isinstance(fn, ModelRefiner) and name.startswith("model:")
-    fn, name = refiner_for(Objective(name="ilf_mle", refiner="cut_core.demo_task:judge"), str(tiny), "alpaca", 64)
+    fn, name = refiner_for(Objective(name="ilf_mle", refiner="cut_core.demo_task:judge"), str(tiny), "alpaca")
     assert name == "cut_core.demo_task:judge" and callable(fn)
-    assert refiner_for(Objective(name="cut"), str(tiny), "alpaca", 64) == (None, None)
+    assert refiner_for(Objective(name="cut"), str(tiny), "alpaca") == (None, None)
