@@ -253,13 +253,18 @@ def _plan(
 def _ilf_rows(pos: pl.DataFrame, neg: pl.DataFrame, objective: Objective, refine_fn: RefineFn | None,
               stats: dict, rows: Callable[..., pl.DataFrame]) -> pl.DataFrame:
     """ILF-MLE: y_hat | x. Positives keep their y (a positive judgment asks for no change)."""
-    refined = pl.col("refined") if objective.refined_column else pl.lit(None, dtype=pl.String)
-    has = refined.is_not_null() & (refined.str.strip_chars() != "")
-    pos = pos.with_columns(pl.when(has).then(refined).otherwise(pl.col("response")).alias("y_hat"))
+    pos = pos.with_columns(pl.coalesce(_data_refinement(objective), pl.col("response")).alias("y_hat"))
     usable = refined_negatives(neg, objective, refine_fn, stats)
     stats["ilf_positives_as_is"] = pos.height
     return pl.concat([rows(pos, "mle", 0, "plain", target=pl.col("y_hat")),
                       rows(usable, "mle", 0, "plain", target=pl.col("y_hat"))])
+
+
+def _data_refinement(objective: Objective) -> pl.Expr:
+    """The data's `refined` text when the objective reads it and it is not blank, else null."""
+    if not objective.refined_column:
+        return pl.lit(None, dtype=pl.String)
+    return pl.when(pl.col("refined").str.strip_chars() != "").then(pl.col("refined"))
 
 
 def refined_negatives(neg: pl.DataFrame, objective: Objective, refine_fn: RefineFn | None,
@@ -270,13 +275,10 @@ def refined_negatives(neg: pl.DataFrame, objective: Objective, refine_fn: Refine
     returns for the rest, called once with all of them. A negative left without one is skipped
     and counted in `stats` (ilf_refined_from_column, ilf_refined_generated, ilf_skipped_no_refinement).
     """
-    use_column = objective.refined_column
-    refined = pl.col("refined") if use_column else pl.lit(None, dtype=pl.String)
-    has = refined.is_not_null() & (refined.str.strip_chars() != "")
-    neg = neg.with_columns(pl.when(has).then(refined).otherwise(None).alias("y_hat"))
+    neg = neg.with_columns(_data_refinement(objective).alias("y_hat"))
     from_column = neg.filter(pl.col("y_hat").is_not_null()).height
     need = neg.filter(pl.col("y_hat").is_null())
-    if need.height and refine_fn is None and not use_column:
+    if need.height and refine_fn is None and not objective.refined_column:
         raise ValueError(f"{objective.name} with refined_column=False needs a refiner to write refinements "
                          "(objective.refiner = 'model' or 'module:function')")
     generated = 0

@@ -44,8 +44,8 @@ def model_fingerprint(model_path: str | Path) -> str:
 class ModelRefiner:
     """A refine_fn backed by a local causal LM: one greedy refinement per (x, y, j).
 
-    The model is loaded on the first call and released after it (materialization runs beside
-    no training, but the same process goes on to read Parquet and tokenize).
+    The model is loaded by each call and dropped when it returns: materialization calls it once,
+    and the process that does so goes on with other work.
     """
 
     def __init__(self, model_path: str | Path, *, template: str = "alpaca", max_new_tokens: int = 256,

@@ -3,8 +3,9 @@ preference pairs for dpo/ilf_dpo (cut_core.preference.materialize_pairs).
 
 Thin on purpose: read the labeled triplets with a read-only DuckDB connection (so it never
 waits on, or blocks, the warehouse's single writer), load the model's tokenizer, pick the
-objective's refiner (ILF), and let `contrast` / `preference` do the work. The examples file is addressed by its digest, so a rerun
-with the same inputs finds it and does nothing; no Prefect result caching is needed for that.
+objective's refiner (ILF), and let `contrast` / `preference` do the work. The file is addressed
+by its digest, so a rerun with the same inputs finds it and does nothing; no Prefect result
+caching is needed for that.
 Returns paths and digests only (never frames), as tasks in this project do.
 """
 
