@@ -17,7 +17,8 @@ Writes into output_dir:
     checkpoints/checkpoint-N/   each with COMPLETE written last; only those are resumed from
     log_history.jsonl           one JSON object per logging step: step, loss, nll, ut,
                                 flagged_fraction, padding_efficiency, learning_rate, grad_norm, epoch
-                                (ut and flagged_fraction only when the window held CUT pairs)
+                                (ut and flagged_fraction only when the window held CUT pairs);
+                                dpo/ilf_dpo log TRL's keys instead: loss, rewards/*, logps/*, ...
     adapter/                    the LoRA adapter (LoRA runs only)
     merged/                     a standalone model + tokenizer (AutoModelForCausalLM-loadable)
     COMPLETE                    last; a rerun of a finished output_dir does nothing
