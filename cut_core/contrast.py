@@ -404,6 +404,13 @@ def _write_atomic(out_dir: Path, name: str, write: Callable[[Path], None]) -> Pa
     return final
 
 
+def write_with_stats(path: Path, frame: pl.DataFrame, stats: dict) -> Path:
+    """Write the sidecar stats, then the Parquet file, each atomically: the Parquet file's
+    presence is the "done" marker, so a reader never finds it without its stats."""
+    _write_atomic(path.parent, stats_path(path).name, lambda p: p.write_text(json.dumps(stats, indent=2)))
+    return _write_atomic(path.parent, path.name, lambda p: frame.write_parquet(p))
+
+
 def stats_path(parquet: Path) -> Path:
     return Path(parquet).with_suffix(".json")
 
@@ -481,7 +488,4 @@ def materialize(
                  seconds=round(time.perf_counter() - started, 3))
 
     out = examples.select(pl.col(c).cast(t) for c, t in EXAMPLE_SCHEMA.items())
-    # Stats first: the Parquet file's presence is the "done" marker.
-    _write_atomic(out_dir, stats_path(path).name, lambda p: p.write_text(json.dumps(stats, indent=2)))
-    _write_atomic(out_dir, path.name, lambda p: out.write_parquet(p))
-    return path
+    return write_with_stats(path, out, stats)

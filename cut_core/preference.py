@@ -27,7 +27,6 @@ find the existing file, and a half-written file is never visible.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,8 @@ from typing import Any
 import polars as pl
 
 from cut_core import templates
-from cut_core.contrast import (RefineFn, _digest, _write_atomic, check_template, labeled_triplets,
-                               refined_negatives, refiner_name, stats_path)
+from cut_core.contrast import (RefineFn, _digest, check_template, labeled_triplets, refined_negatives,
+                               refiner_name, write_with_stats)
 from cut_core.dsl import DPO_OBJECTIVES, Objective
 
 # Bump when the way pairs are built changes: old files must not be reused.
@@ -170,9 +169,7 @@ def materialize_pairs(
                  mean_rejected_chars=round(out["rejected"].str.len_chars().mean(), 1),
                  digest=digest, settings=settings, tokenizer=str(getattr(tokenizer, "name_or_path", "")),
                  seconds=round(time.perf_counter() - started, 3))
-    _write_atomic(out_dir, stats_path(path).name, lambda p: p.write_text(json.dumps(stats, indent=2)))
-    _write_atomic(out_dir, path.name, lambda p: out.write_parquet(p))
-    return path
+    return write_with_stats(path, out, stats)
 
 
 def load_pairs(path: str | Path) -> pl.DataFrame:
