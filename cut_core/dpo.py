@@ -58,6 +58,6 @@ def build_trainer(
     model = load_model(model_path, adapter, full_finetune=training.full_finetune, wrap=False)
     return DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=None if training.full_finetune else lora_config(adapter),
+        peft_config=None if training.full_finetune else lora_config(adapter, model),
         callbacks=callbacks,
     )

@@ -196,9 +196,18 @@ class LoRA(Section):
     r: int = Field(default=16, gt=0, description="LoRA rank")
     alpha: int = Field(default=16, gt=0, description="LoRA scaling alpha")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"], min_length=1,
-        description="module names to adapt (the MLP projections by default)")
+    target_modules: Literal["all-linear", "mlp"] | list[str] = Field(
+        default="all-linear",
+        description="what to adapt: 'all-linear' (every linear layer but the output head; exists in every "
+        "architecture), 'mlp' (the paper's choice: the feed-forward layers, found per architecture), or a list "
+        "of module names (e.g. ['q_proj', 'v_proj']) that must exist in the model")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules is an empty list: use 'all-linear', 'mlp' or name some modules")
+        return v
 
 
 class Training(Section):
@@ -215,6 +224,21 @@ class Training(Section):
     save_steps: int = Field(default=500, ge=1, description="checkpoint every N optimizer steps")
     full_finetune: bool = Field(default=False, description="train all weights instead of a LoRA adapter")
     logging_steps: int = Field(default=10, ge=1, description="log loss parts every N steps")
+
+
+class Launch(Section):
+    """How the training subprocess is started: one process, or data-parallel / sharded processes
+    through torchrun or `accelerate launch` (DDP, FSDP2, DeepSpeed ZeRO-2 configs ship in
+    `configs/accelerate/`). The environment variable CUT_ALIGN_LAUNCHER, when set, replaces the
+    launcher (needed per node for multi-node runs, whose node rank differs per machine)."""
+    processes: int = Field(
+        default=1, ge=1,
+        description="training processes on this machine (one per GPU; on CPU each gets its share of the cores); "
+        "records are split between them and gradients all-reduced")
+    accelerate_config: str | None = Field(
+        default=None,
+        description="an `accelerate launch` config file (e.g. configs/accelerate/fsdp2.yaml); None launches with "
+        "torchrun when processes > 1")
 
 
 # ---------------------------------------------------------------- online iterations, evaluation
@@ -254,6 +278,7 @@ class Pipeline(Section):
     objective: Objective = Field(default_factory=Objective, description="training objective and its hyper-parameters")
     adapter: LoRA | None = Field(default_factory=LoRA, description="LoRA settings; None with training.full_finetune")
     training: Training = Field(default_factory=Training, description="optimizer and schedule")
+    launch: Launch = Field(default_factory=Launch, description="training processes and launcher")
     online: Online = Field(default_factory=Online, description="online-iteration settings")
     evaluation: Evaluation = Field(default_factory=Evaluation, description="held-out evaluation settings")
     registered_model: str | None = Field(default=None, description="MLflow registered model name (defaults to the pipeline name)")
@@ -404,6 +429,8 @@ def resolve_paths(pipeline: Pipeline, base: Path) -> Pipeline:
         src["paths"] = [absolute(p) for p in src["paths"]]
     if data["model"] and (data["model"]["build"] or (base / data["model"]["path"]).exists()):
         data["model"]["path"] = absolute(data["model"]["path"])
+    if data["launch"]["accelerate_config"]:
+        data["launch"]["accelerate_config"] = absolute(data["launch"]["accelerate_config"])
     for section, key in (("online", "prompts"), ("evaluation", "heldout")):
         if data[section][key]:
             data[section][key] = absolute(data[section][key])

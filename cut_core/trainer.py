@@ -459,12 +459,16 @@ def training_arguments(training: Any, *, output_dir: str | Path, max_steps: int 
     )
 
 
-def lora_config(lora: Any):
-    """A peft LoraConfig for a causal LM from a `dsl.LoRA` (or anything with its fields)."""
+def lora_config(lora: Any, model):
+    """A peft LoraConfig for `model` from a `dsl.LoRA` (or anything with its fields): the
+    target modules resolved for this architecture (models.lora_targets), so a spec that would
+    adapt nothing fails here, before training, with the names that exist."""
     from peft import LoraConfig
 
+    from .models import lora_targets
+
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+                      target_modules=lora_targets(model, lora.target_modules), task_type="CAUSAL_LM")
 
 
 def load_model(model_path: str | Path, lora: Any | None, *, full_finetune: bool = False, wrap: bool = True):
@@ -481,7 +485,7 @@ def load_model(model_path: str | Path, lora: Any | None, *, full_finetune: bool 
     from peft import get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype())
-    return get_peft_model(base, lora_config(lora)) if wrap else base
+    return get_peft_model(base, lora_config(lora, base)) if wrap else base
 
 
 def save_final(model, tokenizer, output_dir: str | Path) -> dict[str, str]:
