@@ -19,6 +19,7 @@ params as-is.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import json
 import runpy
 from pathlib import Path
@@ -39,8 +40,11 @@ PAPER_JUDGE_USER_PROMPT = "### Instruction: {instruction}\n\n### Response: {resp
 class Section(BaseModel):
     """Base of every DSL section: unknown fields are errors, values are re-validated on assignment."""
 
-    # inf (threshold = +inf disables flagging) serialises as the string "Infinity": valid JSON
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="strings")
+    # inf (threshold = +inf disables flagging) serialises as the string "Infinity": valid JSON.
+    # hide_input_in_errors: a ValidationError's text never repeats a value (a key pasted into the
+    # wrong field would otherwise reach logs); format_validation_error shows values it deems safe.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="strings",
+                              hide_input_in_errors=True)
 
 
 # ---------------------------------------------------------------- data sources
@@ -134,19 +138,85 @@ class TransformersJudge(Section):
     name: str | None = Field(default=None, description="judge identity for caching; defaults to model_path")
 
 
+# The only host the default key variable (OPENAI_API_KEY) is ever sent to.
+OPENAI_HOST = "api.openai.com"
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class OpenAIJudge(Section):
     kind: Literal["openai"] = "openai"
-    base_url: str = Field(description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    base_url: str = Field(description="OpenAI-compatible endpoint: https (plain http only to localhost/127.0.0.1), "
+                          "no credentials or query string in it, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
     model: str = Field(description="model name sent in the request")
-    api_key_env: str | None = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
-    api_key_secret: str | None = Field(default=None, description="name of a Prefect Secret block holding the API key")
+    api_key_env: str | None = Field(
+        default=None, pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="name of the environment variable holding the API key (e.g. OPENAI_API_KEY; upper-case letters, "
+                    "digits, _). Unset: OPENAI_API_KEY for https://api.openai.com only, no key to any other host")
+    api_key_secret: str | None = Field(
+        default=None, pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="name of a Prefect Secret block holding the API key (lower-case letters, digits, -)")
     system_prompt: str = Field(default=PAPER_JUDGE_SYSTEM_PROMPT, description="system message (the paper's by default)")
     user_prompt: str = Field(default=PAPER_JUDGE_USER_PROMPT, description="user message template with {instruction} and {response}")
     concurrency: int = Field(default=8, ge=1, le=256, description="requests in flight at once")
     max_retries: int = Field(default=5, ge=0, description="retries on 429, 5xx and timeouts (never on other 4xx)")
-    timeout_s: float = Field(default=60.0, gt=0, description="per-request timeout in seconds")
+    timeout_s: float = Field(default=60.0, gt=0,
+                             description="deadline in seconds of one call (connect, send, wait and read, all together)")
+    max_response_bytes: int = Field(default=262_144, ge=1024,
+                                    description="largest reply accepted, in bytes; a longer one is a failed call")
     temperature: float = Field(default=0.0, ge=0, description="sampling temperature of the judge")
     name: str | None = Field(default=None, description="judge identity for caching; defaults to base_url + model")
+
+    @field_validator("base_url")
+    @classmethod
+    def _safe_url(cls, v: str) -> str:
+        # Messages never repeat the URL: it may be the very credential being refused.
+        from urllib.parse import urlsplit
+        try:
+            url = urlsplit(v)
+            host = url.hostname
+            url.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ValueError("base_url is not a valid URL") from None
+        if url.scheme not in ("http", "https") or not host:
+            raise ValueError("base_url must be an http(s) URL with a host, e.g. https://api.openai.com/v1")
+        if url.username is not None or url.password is not None or "@" in url.netloc:
+            raise ValueError("base_url must not carry credentials (user:password@); put the key in the "
+                             "environment variable named by api_key_env")
+        if url.query or url.fragment or "?" in v or "#" in v:
+            raise ValueError("base_url must not carry a query string or fragment (keys in URLs leak into logs); "
+                             "put the key in the environment variable named by api_key_env")
+        if url.scheme == "http" and not is_loopback_host(host):
+            raise ValueError("base_url must be https unless the host is localhost/127.0.0.1 "
+                             "(reach a plain-http server on another machine through an SSH tunnel to localhost)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "OpenAIJudge":
+        if self.api_key_env and self.api_key_secret:
+            raise ValueError("set api_key_env or api_key_secret, not both")
+        return self
+
+    def key_env(self) -> str | None:
+        """The environment variable whose value is sent as the key: the declared one, else
+        OPENAI_API_KEY when (and only when) the endpoint is https://api.openai.com."""
+        if self.api_key_env or self.api_key_secret:
+            return self.api_key_env
+        from urllib.parse import urlsplit
+        url = urlsplit(self.base_url)
+        return DEFAULT_API_KEY_ENV if url.scheme == "https" and url.hostname == OPENAI_HOST else None
 
 
 Judge = Annotated[Union[FunctionJudge, TransformersJudge, OpenAIJudge], Field(discriminator="kind")]
@@ -266,6 +336,13 @@ class Evaluation(Section):
     max_new_tokens: int = Field(default=256, ge=1, description="generation length cap")
     samples: int = Field(default=20, ge=0, description="sample generations kept in the report")
     champion_metric: str = Field(default="positive_rate", description="metric whose improvement moves the 'champion' alias")
+    max_failed_rate: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="largest share of the evaluation's judge calls that may fail: above it the model gets no "
+                    "score and is not promoted (a positive rate over the few calls that worked means little)")
+    min_judged: int = Field(
+        default=10, ge=1,
+        description="fewest successful judge calls an evaluation needs to give a score (and promote a model)")
 
 
 class Pipeline(Section):
@@ -367,6 +444,15 @@ def _field_description(model: type[BaseModel], loc: tuple) -> str | None:
     return description
 
 
+# A value given to a field whose name contains one of these is never repeated in an error: it may
+# be a key (an inline `api_key=`, a key pasted into api_key_env, a URL with a token in it).
+_SECRET_FIELD_HINTS = ("key", "secret", "token", "password", "url", "auth")
+
+
+def _may_hold_secret(loc: tuple) -> bool:
+    return any(h in str(part).lower() for part in loc for h in _SECRET_FIELD_HINTS)
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: the field's path in the declaration, what is wrong, and the fix."""
     root = globals().get(err.title, Pipeline)
@@ -375,7 +461,8 @@ def format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or prefix or "(top level)"
         got = e.get("input")
-        got_text = "" if isinstance(got, (dict, list, BaseModel)) or got is None else f" (got {got!r})"
+        got_text = ("" if isinstance(got, (dict, list, BaseModel)) or got is None or _may_hold_secret(e["loc"])
+                    else f" (got {got!r})")
         if e["type"] == "extra_forbidden":
             lines.append(f"  - {loc}: unknown field{got_text}; remove it or check its spelling")
             continue

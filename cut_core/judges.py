@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import json
 import logging
 import os
 import random
@@ -40,6 +41,15 @@ log = logging.getLogger(__name__)
 POSITIVE = "positive"
 NEGATIVE = "negative"
 DEFAULT_POSITIVE_PREFIXES = ("Perfect",)
+# A judge that answers with one of these (whole text, whitespace aside) reports its own failure:
+# the paper's data stored failed GPT-4 calls as `$ERROR$` (dsl.Polarity.failed_markers at ingest).
+DEFAULT_FAILED_MARKERS = ("$ERROR$",)
+# The one finish_reason of an OpenAI-compatible reply that is a whole judgment. "length" is a
+# judgment cut mid-sentence ("Perfect answer? No: the" reads as positive), "content_filter" a
+# refusal, "tool_calls"/"function_call" no judgment at all; a missing finish_reason cannot rule
+# out truncation. All of them are failed calls.
+NORMAL_FINISH = "stop"
+REDACTED = "[redacted]"
 # Stripped from the front of a judgment before the prefix test: LLM judges often quote or
 # embolden their one-word verdict ("'Perfect.'", "**Perfect**").
 _LEADING_NOISE = " \t\r\n\"'`*_“”‘’«»"
@@ -74,8 +84,11 @@ def polarity_of(judgment: str | None, positive_prefixes: Sequence[str] = DEFAULT
     return POSITIVE if any(text.startswith(p.casefold()) for p in positive_prefixes) else NEGATIVE
 
 
-def _ok(judgment: str | None, prefixes: Sequence[str], attempts: int = 1) -> JudgeResult:
+def _ok(judgment: str | None, prefixes: Sequence[str], attempts: int = 1,
+        failed_markers: Sequence[str] = DEFAULT_FAILED_MARKERS) -> JudgeResult:
     judgment = judgment.strip() if judgment is not None else None
+    if judgment and judgment in {m.strip() for m in failed_markers}:
+        return _failed(f"judge output is the failure marker {judgment!r}", attempts)
     return JudgeResult(judgment=judgment or None, polarity=polarity_of(judgment, prefixes),
                        status="ok", attempts=attempts)
 
@@ -84,11 +97,45 @@ def _failed(error: str, attempts: int = 1) -> JudgeResult:
     return JudgeResult(judgment=None, polarity=None, status="failed", error=error, attempts=attempts)
 
 
-def _ok_text(text: str | None, prefixes: Sequence[str], attempts: int, what: str) -> JudgeResult:
+def _ok_text(text: str | None, prefixes: Sequence[str], attempts: int, what: str,
+             failed_markers: Sequence[str] = DEFAULT_FAILED_MARKERS) -> JudgeResult:
     """A language-model judge's output: empty or missing text is unparseable, hence a failure."""
     if not isinstance(text, str) or not text.strip():
         return _failed(f"{what} returned an empty judgment", attempts)
-    return _ok(text, prefixes, attempts)
+    return _ok(text, prefixes, attempts, failed_markers)
+
+
+def scrub(text: str | None, secrets: Iterable[str]) -> str | None:
+    """`text` with every occurrence of a known secret (an API key) replaced by [redacted]."""
+    if text is None:
+        return None
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def scrub_result(result: JudgeResult, secrets: Sequence[str]) -> JudgeResult:
+    """The result with its judgment and error text scrubbed of `secrets` (stored texts never hold a key)."""
+    if not secrets:
+        return result
+    return JudgeResult(judgment=scrub(result.judgment, secrets), polarity=result.polarity, status=result.status,
+                       error=scrub(result.error, secrets), attempts=result.attempts)
+
+
+def public_url(url: str) -> str:
+    """The URL without user:password@, query or fragment: what may appear in a name or a log."""
+    from urllib.parse import urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+        netloc = parts.hostname or ""
+        if ":" in netloc:  # IPv6
+            netloc = f"[{netloc}]"
+        if parts.port:
+            netloc += f":{parts.port}"
+    except ValueError:
+        return "<invalid url>"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
 
 
 def _fill(template: str, instruction: str, response: str) -> str:
@@ -110,7 +157,8 @@ class FunctionJudge:
     """
 
     def __init__(self, fn: Callable[[str, str], str | None] | str, *, name: str | None = None,
-                 positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES):
+                 positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES,
+                 failed_markers: Sequence[str] = DEFAULT_FAILED_MARKERS):
         if isinstance(fn, str):
             name = name or fn
             fn = dsl.import_callable(fn)
@@ -118,6 +166,7 @@ class FunctionJudge:
         qualname = getattr(fn, "__qualname__", type(fn).__qualname__)  # callable objects have none
         self.name = name or f"function:{getattr(fn, '__module__', '?')}:{qualname}"
         self.positive_prefixes = tuple(positive_prefixes)
+        self.failed_markers = tuple(failed_markers)
 
     def judge_batch(self, items: list[tuple[str, str]]) -> list[JudgeResult]:
         results = []
@@ -130,7 +179,7 @@ class FunctionJudge:
             if out is not None and not isinstance(out, str):
                 results.append(_failed(f"judge function returned {type(out).__name__}, expected str or None"))
                 continue
-            results.append(_ok(out, self.positive_prefixes))
+            results.append(_ok(out, self.positive_prefixes, failed_markers=self.failed_markers))
         return results
 
 
@@ -145,13 +194,15 @@ class TransformersJudge:
 
     def __init__(self, model_path: str | None = None, *, prompt: str, max_new_tokens: int = 128,
                  batch_size: int = 8, name: str | None = None, model: Any = None, tokenizer: Any = None,
-                 positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES):
+                 positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES,
+                 failed_markers: Sequence[str] = DEFAULT_FAILED_MARKERS):
         if model_path is None and (model is None or tokenizer is None):
             raise ValueError("TransformersJudge needs model_path, or both model and tokenizer")
         self.model_path, self.prompt = model_path, prompt
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.model, self.tokenizer = model, tokenizer
         self.positive_prefixes = tuple(positive_prefixes)
+        self.failed_markers = tuple(failed_markers)
         self.name = name or f"transformers:{model_path or type(model).__name__}#{_identity(prompt, max_new_tokens)}"
 
     def judge_batch(self, items: list[tuple[str, str]]) -> list[JudgeResult]:
@@ -167,7 +218,7 @@ class TransformersJudge:
                                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         except Exception as err:  # noqa: BLE001 - e.g. CUDA OOM: a failed batch, not negatives
             return [_failed(f"{type(err).__name__}: {err}") for _ in items]
-        return [_ok_text(t, self.positive_prefixes, 1, "judge model") for t in texts]
+        return [_ok_text(t, self.positive_prefixes, 1, "judge model", self.failed_markers) for t in texts]
 
 
 # ---------------------------------------------------------------- OpenAIJudge
@@ -188,6 +239,14 @@ class OpenAIJudge:
     Retries with exponential backoff and jitter on 429, 5xx, timeouts and connection errors,
     honouring a Retry-After header; no retry on other 4xx (a bad key or request stays bad) or on
     a malformed body. Every failure ends as a failed JudgeResult carrying the attempt count.
+
+    What it trusts of a reply: a label comes only from a 2xx reply whose first choice finished
+    with finish_reason "stop" and whose text is not a failure marker. Redirects are not followed
+    (a failure: the key would go wherever the redirect points), a reply over
+    `max_response_bytes` is a failure, and `timeout_s` is a deadline for the whole call, so a
+    server that trickles bytes cannot hold it longer. The API key is sent only as the Bearer
+    header of this one URL, and every text this judge returns (judgment, error) has the key
+    replaced by [redacted], whatever the server echoed.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
@@ -196,8 +255,9 @@ class OpenAIJudge:
                  concurrency: int = 8, max_retries: int = 5, timeout_s: float = 60.0,
                  temperature: float = 0.0, max_tokens: int | None = None, name: str | None = None,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
-                 retry_after_max_s: float = 300.0,
-                 positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES):
+                 retry_after_max_s: float = 300.0, max_response_bytes: int = 262_144,
+                 positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES,
+                 failed_markers: Sequence[str] = DEFAULT_FAILED_MARKERS):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key = model, api_key
         self.system_prompt, self.user_prompt = system_prompt, user_prompt
@@ -205,10 +265,14 @@ class OpenAIJudge:
         self.temperature, self.max_tokens = temperature, max_tokens
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.retry_after_max_s = retry_after_max_s
+        self.max_response_bytes = max_response_bytes
         self.positive_prefixes = tuple(positive_prefixes)
+        self.failed_markers = tuple(failed_markers)
+        self.secrets: tuple[str, ...] = (api_key,) if api_key else ()  # scrubbed from every text we return
         # The prompts and temperature are part of the identity: changing them must re-label
-        # rather than reuse judgments written under another prompt.
-        self.name = name or (f"openai:{base_url.rstrip('/')}|{model}"
+        # rather than reuse judgments written under another prompt. The name is stored in the
+        # warehouse: it holds the URL without any credentials or query.
+        self.name = name or (f"openai:{public_url(base_url)}|{model}"
                              f"#{_identity(system_prompt, user_prompt, temperature, max_tokens)}")
 
     # -- sync entry point (the protocol is synchronous; the fan-out inside is asyncio)
@@ -230,7 +294,7 @@ class OpenAIJudge:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout_s),
-                                     limits=limits) as client:
+                                     limits=limits, follow_redirects=False) as client:
             async def one(item: tuple[str, str]) -> JudgeResult:
                 async with semaphore:
                     return await self._judge_one(client, *item)
@@ -255,32 +319,61 @@ class OpenAIJudge:
             attempts += 1
             try:
                 text = await self._call(client, payload)
-                return _ok_text(text, self.positive_prefixes, attempts, "endpoint")
+                result = _ok_text(text, self.positive_prefixes, attempts, "endpoint", self.failed_markers)
             except _Fatal as err:
-                return _failed(str(err), attempts)
+                result = _failed(str(err), attempts)
             except _Retryable as err:
-                if attempts > self.max_retries:
-                    return _failed(f"{err} (gave up after {attempts} attempts)", attempts)
-                await asyncio.sleep(self._delay(attempts, err.retry_after))
+                if attempts <= self.max_retries:
+                    await asyncio.sleep(self._delay(attempts, err.retry_after))
+                    continue
+                result = _failed(f"{err} (gave up after {attempts} attempts)", attempts)
+            return scrub_result(result, self.secrets)
 
     async def _call(self, client: httpx.AsyncClient, payload: dict) -> str | None:
-        """One HTTP attempt: the judgment text, or _Retryable / _Fatal."""
+        """One HTTP attempt, all of it within `timeout_s`: the judgment text, or _Retryable / _Fatal."""
         try:
-            resp = await client.post(self.url, json=payload)
+            async with asyncio.timeout(self.timeout_s):
+                async with client.stream("POST", self.url, json=payload) as resp:
+                    status, headers = resp.status_code, resp.headers
+                    body = await self._read_capped(resp)
         except httpx.TimeoutException as err:
             raise _Retryable(f"timeout after {self.timeout_s}s ({type(err).__name__})") from None
+        except TimeoutError:  # asyncio.timeout: the whole call outlived its deadline
+            raise _Retryable(f"timeout: no complete reply within {self.timeout_s}s") from None
         except httpx.TransportError as err:  # connection refused/reset, protocol errors
             raise _Retryable(f"connection error: {type(err).__name__}: {err}") from None
-        if resp.status_code == 429 or resp.status_code >= 500:
-            raise _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}",
-                             _retry_after(resp.headers.get("retry-after")))
-        if resp.status_code >= 400:
-            raise _Fatal(f"HTTP {resp.status_code} (not retried): {resp.text[:200]}")
+        if status == 429 or status >= 500:
+            raise _Retryable(f"HTTP {status}: {_snippet(body)}", _retry_after(headers.get("retry-after")))
+        if 300 <= status < 400:
+            raise _Fatal(f"HTTP {status} redirect not followed (a key must not follow a redirect): "
+                         "set base_url to the final address")
+        if not 200 <= status < 300:
+            raise _Fatal(f"HTTP {status} (not retried): {_snippet(body)}")
         try:
-            body = resp.json()
-            return body["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise _Fatal(f"malformed response body ({type(err).__name__}): {resp.text[:200]!r}") from None
+            choice = json.loads(body)["choices"][0]
+            message, finish = choice["message"], choice.get("finish_reason")
+            text = message["content"]
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+            raise _Fatal(f"malformed response body ({type(err).__name__}): {_snippet(body)!r}") from None
+        if finish != NORMAL_FINISH:
+            raise _Fatal(f"reply did not finish normally (finish_reason={finish!r}, expected 'stop'): "
+                         "not a whole judgment")
+        if isinstance(message, dict) and message.get("refusal"):
+            raise _Fatal("the judge refused to answer (message.refusal is set)")
+        return text
+
+    async def _read_capped(self, resp: httpx.Response) -> bytes:
+        """The body, refused as soon as it grows past max_response_bytes (decoded size)."""
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_response_bytes:
+            raise _Fatal(f"reply of {int(declared)} bytes exceeds max_response_bytes={self.max_response_bytes}")
+        chunks, size = [], 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                raise _Fatal(f"reply exceeds max_response_bytes={self.max_response_bytes}")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server knows best when it can take us again
@@ -288,6 +381,11 @@ class OpenAIJudge:
         # Exponential backoff with "equal jitter": spreads out clients that failed together.
         ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
+
+
+def _snippet(body: bytes, limit: int = 200) -> str:
+    """The start of a reply body as text, for an error message (scrubbed by the caller)."""
+    return body[:limit * 4].decode("utf-8", "replace")[:limit]
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -309,37 +407,41 @@ def _retry_after(value: str | None) -> float | None:
 
 def build_judge(spec: dsl.FunctionJudge | dsl.TransformersJudge | dsl.OpenAIJudge, *,
                 secret_resolver: Callable[[str], str] | None = None,
-                positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES, **overrides: Any) -> Judge:
+                positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES,
+                failed_markers: Sequence[str] = DEFAULT_FAILED_MARKERS, **overrides: Any) -> Judge:
     """Build a judge from a DSL judge section.
 
     `secret_resolver(name) -> value` resolves `api_key_secret` (the tasks layer passes one that
     loads a Prefect Secret block; cut_core itself never imports prefect). `overrides` reach the
     implementation's constructor (e.g. `backoff_base_s` for fast tests, `batch_size`).
+    An OpenAI judge gets a key only from the variable `spec.key_env()` names: the declared
+    api_key_env, or OPENAI_API_KEY for https://api.openai.com alone (never for another host).
     """
+    common = dict(positive_prefixes=positive_prefixes, failed_markers=failed_markers)
     if isinstance(spec, dsl.FunctionJudge):
-        return FunctionJudge(spec.callable, name=spec.name, positive_prefixes=positive_prefixes, **overrides)
+        return FunctionJudge(spec.callable, name=spec.name, **common, **overrides)
     if isinstance(spec, dsl.TransformersJudge):
         return TransformersJudge(spec.model_path, prompt=spec.prompt, max_new_tokens=spec.max_new_tokens,
-                                 name=spec.name, positive_prefixes=positive_prefixes, **overrides)
+                                 name=spec.name, **common, **overrides)
     if isinstance(spec, dsl.OpenAIJudge):
         api_key = None
+        key_env = spec.key_env()
         if spec.api_key_secret:
             if secret_resolver is None:
                 raise ValueError(f"judge.api_key_secret={spec.api_key_secret!r} needs a secret_resolver "
                                  "(run through the Prefect tasks, or set judge.api_key_env instead)")
             api_key = secret_resolver(spec.api_key_secret)
-        elif spec.api_key_env:
-            api_key = os.environ.get(spec.api_key_env)
+        elif key_env:
+            api_key = os.environ.get(key_env)
             if not api_key:
-                # Local servers (vLLM, Ollama) need no key; a hosted API will answer 401,
-                # which is recorded as failed judgments, so say why up front.
+                # A hosted API will answer 401, recorded as failed judgments: say why up front.
                 log.warning("environment variable %s is not set; calling %s without an API key",
-                            spec.api_key_env, spec.base_url)
-        return OpenAIJudge(spec.base_url, spec.model, api_key=api_key, system_prompt=spec.system_prompt,
+                            key_env, public_url(spec.base_url))
+        return OpenAIJudge(spec.base_url, spec.model, api_key=api_key or None, system_prompt=spec.system_prompt,
                            user_prompt=spec.user_prompt, concurrency=spec.concurrency,
                            max_retries=spec.max_retries, timeout_s=spec.timeout_s,
-                           temperature=spec.temperature, name=spec.name,
-                           positive_prefixes=positive_prefixes, **overrides)
+                           max_response_bytes=spec.max_response_bytes,
+                           temperature=spec.temperature, name=spec.name, **common, **overrides)
     raise TypeError(f"not a judge section: {type(spec).__name__}")
 
 
@@ -385,6 +487,8 @@ def label_pending(con, judge: Judge, rows: Iterable[tuple[str, str] | Mapping[st
         results = judge.judge_batch([keyed[k] for k in keys])
         if len(results) != len(keys):
             raise RuntimeError(f"judge {judge.name} returned {len(results)} results for {len(keys)} items")
+        # Judges scrub their own texts; again here, because these are stored.
+        results = [scrub_result(r, getattr(judge, "secrets", ())) for r in results]
         _store(con, judge.name, [(k, *keyed[k], res) for k, res in zip(keys, results)])
         counts["judged"] += len(keys)
         for res in results:
