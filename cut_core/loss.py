@@ -198,3 +198,98 @@ def cut_objective(
         l1=l1, nll_judged=nll_judged, nll_plain=nll_plain,
         flagged=flagged, neg_mask=neg_mask.bool(),
     )
+
+
+# ---------------------------------------------------------------- log p of the gold token from hidden states
+
+class _FusedGoldLogProb(torch.autograd.Function):
+    """log softmax(head(h))[label] from hidden states, the [rows, V] logits never whole.
+
+        z   = h W^T (+ b)                       the output projection, one chunk of rows at a time
+        s   = c * tanh(z / c)  (soft-cap c)     or s = z without a cap
+        out = s[label] - logsumexp_v s[v]
+
+    Forward keeps h, W, b and the per-row logsumexp; backward recomputes each chunk's logits:
+        d out / d s = onehot(label) - softmax(s)
+        d s / d z   = 1 - (s / c)^2             (with a cap)
+        dh = dz W,  dW = dz^T h,  db = sum_rows dz
+    so the extra memory is one chunk of logits (and its gradient) in fp32, whatever the number of
+    rows. The weight gradient is computed only when the weight requires one (LoRA's frozen head
+    costs no weight-gradient FLOPs); dW accumulates in fp32 over the chunks.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, weight, bias, labels, chunk, softcap):
+        valid = labels >= 0
+        safe = labels.clamp(min=0)
+        out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            z = _head_logits(hidden[s:s + chunk], weight, bias, softcap)
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            out[s:s + chunk] = z.gather(-1, safe[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        out = torch.where(valid, out, torch.zeros_like(out))
+        ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
+        ctx.chunk, ctx.softcap = chunk, softcap
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # recompute under the forward's autocast state
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = torch.where(valid, grad_out.float(), torch.zeros_like(lse))
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            e = s + ctx.chunk
+            h = hidden[s:e]
+            z = _head_logits(h, weight, bias, ctx.softcap)
+            dz = (z - lse[s:e, None]).exp_()
+            dz.mul_(-g[s:e, None]).scatter_add_(-1, safe[s:e, None], g[s:e, None])
+            if ctx.softcap:
+                dz.mul_(1.0 - (z / ctx.softcap).square_())
+            del z
+            if need_h:
+                grad_h[s:e] = (dz.to(weight.dtype) @ weight).to(grad_h.dtype)
+            if need_w:  # fp32 accumulation over chunks; the product in the hidden states' dtype
+                grad_w.add_(dz.t().to(h.dtype) @ h)
+            if need_b:
+                grad_b.add_(dz.sum(0))
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 softcap: float | None) -> torch.Tensor:
+    """fp32 logits of one chunk: the projection in the weights' dtype (bf16 on GPU), then upcast."""
+    z = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def fused_gold_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                        bias: torch.Tensor | None = None, softcap: float | None = None,
+                        chunk_size: int | None = None) -> torch.Tensor:
+    """log p(label) under softmax(softcap(hidden W^T + b)), chunk by chunk, recomputed in backward.
+
+    hidden [..., H] (the final hidden states at the positions that predict `labels`), weight
+    [V, H] (the output projection: lm_head's, or the tied input embedding), bias [V] or None,
+    softcap c: logits become c * tanh(z / c) (Gemma 2's final_logit_softcapping). A negative
+    label gives 0 and no gradient. Returns fp32 [...], equal to
+    `gold_logprobs(softcap(hidden @ weight.T + bias), labels)` in value and gradient (hidden,
+    weight, bias), without a [rows, V] tensor alive whole in forward or backward.
+    `chunk_size` rows at once (default: 2**24 logits' worth).
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
+    if weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not project hidden size {hidden.shape[-1]}")
+    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    flat = _FusedGoldLogProb.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
+                                   chunk, float(softcap) if softcap else None)
+    return flat.view(labels.shape)

@@ -16,7 +16,10 @@ Padding: the judged (Align-N) rows and the plain rows (Misalign, Align-P, mle) r
 forward passes, each padded to its own longest row, so neither the judgment's extra tokens
 nor a dummy twin for Align-P rows cost compute; records are grouped by length. Logits are
 computed only at the positions that predict response tokens (`logits_to_keep` as a bool
-mask), and the gold log-probs come from `loss.gold_logprobs` without a full-vocab fp32 copy.
+mask). By default (`logprob_path='fused'`) the forward stops at the final hidden states of those
+positions and `loss.fused_gold_logprobs` projects them through the output head chunk by chunk,
+recomputing in backward, so no [tokens, vocab] logits tensor (or its gradient) ever exists whole;
+'materialized' keeps the model's logits at those positions (sequences.gold_response_logprobs).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .loss import cut_objective, gold_logprobs
+from .files import write_text_atomic
+from .loss import cut_objective
+from .sequences import gold_response_logprobs, left_aligned, right_padded
 
 KINDS = ("align_p", "align_n", "misalign", "mle")
 COMPLETE = "COMPLETE"
@@ -139,7 +144,15 @@ def load_records(path: str | Path) -> list[Record]:
     return records
 
 
+# A record that weighs nothing. With N processes the last global batch is filled up with these
+# so every process runs the same number of micro-batches (DDP all-reduces in every backward);
+# accelerate would otherwise repeat real records there and change the loss.
+PAD_RECORD = Record("pad", "", [0, 0], 1)
+
+
 class RecordDataset(Dataset):
+    """The records; index len(records) is PAD_RECORD (the sampler's filler)."""
+
     def __init__(self, records: list[Record]):
         self.records = records
 
@@ -147,7 +160,7 @@ class RecordDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> Record:
-        return self.records[i]
+        return PAD_RECORD if i == len(self.records) else self.records[i]
 
 
 # ---------------------------------------------------------------- length-grouped sampler
@@ -162,15 +175,21 @@ class LengthGroupedRecordSampler(Sampler[int]):
     batches, so 1x8 and 8x1 see the same records in the same steps.
     """
 
-    def __init__(self, lengths: list[int], global_batch: int, seed: int, megabatch_groups: int = 64):
+    def __init__(self, lengths: list[int], global_batch: int, seed: int, megabatch_groups: int = 64,
+                 pad_multiple: int = 1):
         self.lengths, self.global_batch, self.seed = list(lengths), global_batch, seed
         self.megabatch_groups, self.epoch = megabatch_groups, 0
+        # With N processes: the short last group is filled with the PAD index (len(lengths)) up to
+        # a multiple of micro-batch x N, so each process gets whole micro-batches of it.
+        self.pad_multiple = pad_multiple
+        tail = len(self.lengths) % global_batch
+        self._pads = (-tail) % pad_multiple if tail else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.lengths) + self._pads
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -183,24 +202,15 @@ class LengthGroupedRecordSampler(Sampler[int]):
         # A short last group stays last: moving it would shift every later batch boundary.
         tail = [groups.pop()] if groups and len(groups[-1]) < self.global_batch else []
         shuffled = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()] + tail
-        return iter([i for group in shuffled for i in group])
+        return iter([i for group in shuffled for i in group] + [len(self.lengths)] * self._pads)
 
 
 # ---------------------------------------------------------------- the paired collator
 
 def _pad(seqs: list[list[int]], starts: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row. `predict_mask` marks positions whose next token is a
-    response token (the logits the loss needs); `response_lengths` counts them per sequence."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    predict = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (s, start) in enumerate(zip(seqs, starts)):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[i, :len(s)] = 1
-        predict[i, start - 1:len(s) - 1] = True
-    lengths = torch.tensor([len(s) - start for s, start in zip(seqs, starts)], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": attn, "predict_mask": predict, "response_lengths": lengths}
+    """Right-pad to the longest row (sequences.right_padded): input_ids, attention_mask,
+    predict_mask (positions whose next token is a response token), response_lengths."""
+    return right_padded(seqs, starts, pad_id)
 
 
 def _pack(seqs: list[list[int]], starts: list[int]) -> dict[str, torch.Tensor]:
@@ -235,8 +245,10 @@ class CUTCollator:
 
     def __call__(self, records: list[Record]) -> dict[str, torch.Tensor]:
         cut = [r for r in records if r.kind == "cut"]
-        nll = [r for r in records if r.kind != "cut"]
-        batch = self._pass(cut + nll, judged=False)
+        nll = [r for r in records if r.kind == "nll"]
+        pads = [r for r in records if r.kind == "pad"]
+        batch = self._pass(cut + nll + pads, judged=False)  # pads last: compute_loss drops them
+        batch["pad_records"] = torch.tensor(len(pads))
         if cut:
             batch.update({f"judged_{k}": v for k, v in self._pass(cut, judged=True).items()})
         return batch
@@ -270,7 +282,11 @@ class CUTConfig(TrainingArguments):
     weighting: str = field(default="reference", metadata={
         "help": "'reference': a negative record's loss is 1/2 (NLL(Align-N) + L1); 'paper': L1 + NLL(Align-N)."})
     logprob_chunk_size: int | None = field(default=None, metadata={
-        "help": "rows of logits upcast to fp32 at once in gold_logprobs (None: 2**24 elements' worth)."})
+        "help": "rows of logits computed / upcast to fp32 at once (None: 2**24 elements' worth)."})
+    logprob_path: str = field(default="fused", metadata={
+        "help": "'fused': gold log-probs from the final hidden states and the output projection, chunk by chunk, "
+        "recomputed in backward (no [tokens, vocab] logits; a head it cannot fuse falls back, logged); "
+        "'materialized': the model's logits at the response positions, then gold_logprobs."})
     padding_free: bool = field(default=False, metadata={
         "help": "pack each forward pass into one unpadded row (position ids restart per sequence). Exact with "
         "any attention; efficient with flash-attention (varlen); with sdpa/eager the attention mask is dense over "
@@ -288,6 +304,8 @@ class CUTConfig(TrainingArguments):
             raise ValueError(f"weighting must be 'reference' or 'paper', got {self.weighting!r}")
         if self.threshold < 1.0:
             raise ValueError(f"threshold must be >= 1, got {self.threshold}")
+        if self.logprob_path not in ("fused", "materialized"):
+            raise ValueError(f"logprob_path must be 'fused' or 'materialized', got {self.logprob_path!r}")
         super().__post_init__()
 
 
@@ -322,12 +340,15 @@ class CUTTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         global_batch = self._train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        world = max(1, self.args.world_size)
         return LengthGroupedRecordSampler([r.sort_length for r in dataset.records], global_batch, seed,
-                                          self.args.length_megabatch_groups)
+                                          self.args.length_megabatch_groups,
+                                          pad_multiple=self._train_batch_size * world if world > 1 else 1)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Records in the global batch: every micro-batch of this step, on every process."""
-        count = torch.tensor(sum(b["response_lengths"].shape[0] for b in batch_samples), device=device)
+        count = torch.tensor(sum(b["response_lengths"].shape[0] - int(b.get("pad_records", 0))
+                                 for b in batch_samples), device=device)
         if self.args.world_size > 1:
             count = self.accelerator.gather(count.reshape(1)).sum()
         return count
@@ -336,15 +357,11 @@ class CUTTrainer(Trainer):
 
     def _response_logprobs(self, model, inputs: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         """log p of every response token of one pass, [sequences, N] left-aligned, with its mask."""
-        ids, predict = inputs[f"{prefix}input_ids"], inputs[f"{prefix}predict_mask"]
-        out = model(input_ids=ids, attention_mask=inputs.get(f"{prefix}attention_mask"),
-                    position_ids=inputs.get(f"{prefix}position_ids"), logits_to_keep=predict, use_cache=False)
-        # logits come back flattened, row-major: sequence by sequence, response token by token.
-        targets = ids[:, 1:][predict[:, :-1]]
-        flat = gold_logprobs(out.logits, targets, chunk_size=self.args.logprob_chunk_size)
-        lengths = inputs[f"{prefix}response_lengths"]
-        mask = torch.arange(int(lengths.max()), device=ids.device)[None, :] < lengths[:, None]
-        return flat.new_zeros(mask.shape).masked_scatter(mask, flat), mask
+        flat = gold_response_logprobs(
+            model, inputs[f"{prefix}input_ids"], inputs[f"{prefix}predict_mask"],
+            attention_mask=inputs.get(f"{prefix}attention_mask"), position_ids=inputs.get(f"{prefix}position_ids"),
+            fused=self.args.logprob_path == "fused", chunk_size=self.args.logprob_chunk_size)
+        return left_aligned(flat, inputs[f"{prefix}response_lengths"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logp_plain, mask_plain = self._response_logprobs(model, inputs, "")
@@ -358,6 +375,9 @@ class CUTTrainer(Trainer):
             logp_plain[n_cut:], mask_plain[n_cut:],
             threshold=self.args.threshold, alpha=self.args.alpha, gamma=self.args.gamma,
             weighting=self.args.weighting)
+        n_pad = int(inputs.get("pad_records", 0))
+        if n_pad:  # filler records (last global batch of a multi-process run): in the graph, weight 0
+            parts = _drop_pads(parts, n_pad)
         if num_items_in_batch is None:  # outside the training loop (e.g. evaluate): this batch alone
             loss = parts.per_record.mean()
         else:
@@ -368,7 +388,7 @@ class CUTTrainer(Trainer):
             self._accumulate(parts, inputs)
         return (loss, parts) if return_outputs else loss
 
-    def _accumulate(self, parts, inputs) -> None:
+    def _accumulate(self, parts, inputs) -> None:  # noqa: D401 — sums for the logged ratios
         real, computed = padding_efficiency(inputs)
         s = self._sums
         with torch.no_grad():
@@ -397,6 +417,21 @@ class CUTTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _drop_pads(parts, n_pad: int):
+    """The loss parts without the last n_pad NLL records (PAD_RECORDs). Their losses stay in
+    the graph times zero, so a process whose micro-batch is all filler still runs backward
+    through every parameter, as DDP's all-reduce needs."""
+    from dataclasses import replace
+
+    zero = parts.nll_plain[-n_pad:].sum() * 0.0
+    kept = parts.per_record[:-n_pad]
+    if kept.numel():
+        kept = kept + zero / kept.numel()
+    else:
+        kept = zero.reshape(1)[:0] + zero  # no real record: an empty-sized sum that still holds the graph
+    return replace(parts, per_record=kept, nll_plain=parts.nll_plain[:-n_pad])
+
+
 # ---------------------------------------------------------------- checkpoints with a completion marker
 
 class CompleteMarkerCallback(TrainerCallback):
@@ -407,10 +442,14 @@ class CompleteMarkerCallback(TrainerCallback):
     """
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its part (e.g. its RNG state) before the marker
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                (folder / COMPLETE).write_text(f"{state.global_step}\n")
+                write_text_atomic(folder / COMPLETE, f"{state.global_step}\n")
         return control
 
 
@@ -456,6 +495,9 @@ def training_arguments(training: Any, *, output_dir: str | Path, max_steps: int 
         logging_strategy="steps", logging_steps=training.logging_steps,
         bf16=on_gpu and training_dtype() == torch.bfloat16,
         report_to=report_to, dataloader_pin_memory=on_gpu, disable_tqdm=True,
+        # On CPU, accelerate treats torchrun's processes as lone rank-0 copies unless told it is a
+        # CPU run; then they form a gloo group (cut_core/launch.py has already joined it).
+        use_cpu=not on_gpu, ddp_backend=None if on_gpu else "gloo",
     )
 
 
@@ -481,10 +523,10 @@ def load_model(model_path: str | Path, lora: Any | None, *, full_finetune: bool 
     if full_finetune or lora is None:
         if lora is None and not full_finetune:
             raise ValueError("no LoRA adapter given: set full_finetune=True to train every weight")
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
     from peft import get_peft_model
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype())
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype(), use_safetensors=True)
     return get_peft_model(base, lora_config(lora, base)) if wrap else base
 
 
