@@ -90,6 +90,10 @@ class Source(Section):
     polarity: Polarity = Field(default_factory=Polarity, description="how a judgment becomes positive or negative")
     labeled: bool = Field(
         default=True, description="false: the rows carry no judgment yet and are sent to the judge")
+    delimiter: str | None = Field(
+        default=None, min_length=1, max_length=1,
+        description="CSV field delimiter; default by extension: tab for .tsv/.tab, else a comma. CSV is read "
+        "as RFC 4180 (double quotes, doubled to escape), never sniffed per file")
 
     @model_validator(mode="after")
     def _known_columns(self) -> "Source":
@@ -100,10 +104,18 @@ class Source(Section):
         return self
 
 
+# The default of Ingestion.max_record_bytes (cut_core.ingest reads it from here).
+DEFAULT_MAX_RECORD_BYTES = 8 << 20
+
+
 class Ingestion(Section):
     max_reject_rate: float = Field(
         default=0.10, ge=0.0, le=1.0,
         description="fail the ingest when rejected/rows_read exceeds this fraction (0..1)")
+    max_record_bytes: int = Field(
+        default=DEFAULT_MAX_RECORD_BYTES, ge=1024,
+        description="a record (line, element or row) longer than this many bytes is rejected as 'oversized' "
+        "without being parsed, which keeps memory bounded")
 
 
 # ---------------------------------------------------------------- model, judge

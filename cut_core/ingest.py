@@ -1,29 +1,32 @@
 """Ingest triplet files into the warehouse: read, validate, quarantine, insert once.
 
-Every format is first turned into the same narrow shape, one row per record:
+Every format is first turned into the same narrow shape, one row per record (CHUNK_SCHEMA):
 
-    (row_number BIGINT, text VARCHAR)    -- text: the record as a JSON object, NULL when not UTF-8
+    (row_number BIGINT, text VARCHAR, pre_reason, pre_detail, pre_raw)
 
-JSONL lines are that shape already (the file's bytes are cut at newlines with numpy and handed
-to DuckDB as an Arrow string array without copying); JSON arrays, Parquet and CSV records are
-rendered to JSON by DuckDB. Then, per chunk of rows:
+`text` is the record as a JSON object; `pre_reason` is set where the reader already rejected
+the record (not UTF-8, not valid in the UTF-16/32 encoding its byte-order mark names, longer
+than the maximum record size, a CSV record DuckDB could not split, a BINARY Parquet value that
+is not UTF-8). JSONL lines are that shape already: the file's bytes are cut at newlines and
+handed to DuckDB as an Arrow string array without copying (DuckDB's own line readers drop blank
+lines and bad bytes without saying which line they were, and a reject must name its line).
+JSON arrays (json_each), Parquet (read_parquet) and CSV (read_csv, explicit dialect, with its
+reject table) are read and rendered to JSON by DuckDB. Then, per chunk, DuckDB does the rest:
 
-    worker thread   read the chunk; one SQL statement (ingest_sql.validation_sql) validates it,
-                    extracts the canonical columns, decides polarity and lays out the bytes the
-                    id hashes
-    this thread     hash the ids (hashlib: SHA instructions, several times DuckDB's sha256)
-    every ~PENDING_BYTES and at the end of the file: one flush finds the duplicates with hash
-                    joins (against the warehouse and within the flush) and writes triplets and
-                    rejects with one INSERT each
+    one statement (ingest_sql.validation_sql): validate, extract the canonical columns, decide
+        polarity (cut_core.polarity, the rule judges use) and hash the id (sha256 in DuckDB)
+        into a temporary table
+    warehouse.add_checked: find duplicates with hash joins (against the warehouse and within
+        the chunk), write triplets and rejects with one INSERT each
 
-The two threads overlap (DuckDB and numpy release the GIL). Python touches single rows only
-where they are bad (to keep the raw bytes of a non-UTF-8 line, to explain a JSON syntax error,
-to fetch a duplicate's raw text). Phase timings are in FileReport.seconds.
+Python touches single rows only where they are bad (to keep the raw bytes of a non-UTF-8 line,
+to explain a JSON syntax error). Phase timings are in FileReport.seconds.
 
 Every row read ends in exactly one place: `triplets`, or `rejects` with its source, 1-based
 row number, raw text, reason code and a detail. Blank lines in JSONL are not records and are
 only counted. A file is ingested in one transaction and recorded in `ingested_files` under a
 digest of its bytes and the source settings, so ingesting the same file again adds nothing.
+Paths are read literally: a file named `a[12].parquet` is that file, never a glob.
 
 The rules, in the order they are applied (the first that fails names the reason, REASONS):
 - columns: instruction, input, response, judgment, refined are read from the keys Source.columns
@@ -34,26 +37,25 @@ The rules, in the order they are applied (the first that fails names the reason,
 - polarity (Source.polarity): a row with no judgment field (and no score) is unlabeled, polarity
   NULL, as is every row of a `labeled=False` source; a judgment equal to a failed marker
   ($ERROR$, whitespace ignored) is rejected; score >= threshold is positive; otherwise a blank or
-  null judgment is positive (negative when a score below the threshold was given), one starting
-  with a positive prefix (case-insensitive) is positive, any other is negative. A negative that
-  starts with a contradiction prefix is flagged (triplets.contradiction) or, with
-  quarantine_contradictions, rejected. Blank judgments are stored as NULL.
+  null judgment is positive (negative when a score below the threshold was given), and a text is
+  positive by cut_core.polarity's rule (a positive prefix after leading quotes and emphasis,
+  case-insensitive), else negative. A negative that starts with a contradiction prefix is
+  flagged (triplets.contradiction) or, with quarantine_contradictions, rejected. Blank
+  judgments are stored as NULL.
 - duplicate: same id as a triplet already in the warehouse or an earlier row of this run;
-  id = warehouse.content_key(instruction, response, judgment): SQL lays out the same bytes
-  (each part as 0x01 + UTF-8 text, or 0x00 for NULL, then 0x1f) and Python hashes them.
+  id = warehouse.content_key(instruction, response, judgment), computed in DuckDB
+  (warehouse.content_key_sql: the same bytes, the same sha256).
 """
 
 from __future__ import annotations
 
-import bisect
 import glob
 import hashlib
 import json
 import os
 import re
+import tempfile
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,6 +67,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cut_core import dsl, ingest_sql
+from cut_core import warehouse as wh
 from cut_core.ingest_sql import ident as _ident
 from cut_core.ingest_sql import lit as _lit
 
@@ -79,6 +82,8 @@ REASONS = {
     "contradiction": "a negative judgment that says the response is perfect (quarantine_contradictions)",
     "duplicate": "same (instruction, response, judgment) as an earlier row or an existing triplet",
     "malformed_csv": "a CSV record DuckDB could not split into the header's columns",
+    "invalid_encoding": "the bytes are not valid in the UTF-16/32 encoding the file's byte-order mark names",
+    "oversized": "the record is longer than the maximum record size (Ingestion.max_record_bytes)",
 }
 
 # Bump when the validation rules change: the digest of a file includes it, so a file ingested
@@ -89,6 +94,9 @@ RULES_VERSION = "1"
 CHUNK_BYTES = 64 << 20
 # Parquet, CSV and JSON-array records are validated in batches of this many rows.
 CHUNK_ROWS = 131_072
+# A record longer than this (bytes of its line, or of its JSON rendering) is rejected as
+# `oversized` without being parsed; dsl.Ingestion.max_record_bytes sets it per pipeline.
+DEFAULT_MAX_RECORD_BYTES = dsl.DEFAULT_MAX_RECORD_BYTES
 
 
 class IngestError(RuntimeError):
@@ -138,8 +146,8 @@ class FileReport:
     blank_lines: int = 0
     skipped: bool = False
     earlier: dict | None = None
-    # "digest" (hashing the file, while the worker validates), "check" (reading, validating, "hash"
-    # (ids) as far as the digest did not hide them), "write" (dedupe, inserts, commit)
+    # "digest" (hashing the file), "check" (reading, validating, hashing ids), "write" (dedupe,
+    # inserts, commit)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -230,8 +238,10 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 def expand_paths(patterns: Iterable[str], *, base: str | Path | None = None) -> list[Path]:
     """Files named by paths and glob patterns (`**` recurses), in the order given, each once.
 
-    Relative patterns are taken against `base` (default: the working directory). A pattern that
-    matches nothing is an error: a typo must not look like an empty source.
+    Relative patterns are taken against `base` (default: the working directory). A path that
+    names an existing file is that file, even with * ? [ in its name; otherwise those characters
+    make a glob. A pattern that matches nothing is an error: a typo must not look like an empty
+    source.
     """
     out: list[Path] = []
     seen: set[Path] = set()
@@ -239,16 +249,16 @@ def expand_paths(patterns: Iterable[str], *, base: str | Path | None = None) -> 
         p = Path(pattern)
         if base is not None and not p.is_absolute():
             p = Path(base) / p
-        if _GLOB_CHARS.search(str(p)):
+        if p.is_file():
+            matches = [p]
+        elif _GLOB_CHARS.search(str(p)):
             matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matches:
                 raise IngestError(f"no file matches {pattern!r} (looked for {p})")
         elif p.is_dir():
             raise IngestError(f"{p} is a folder; name files or a glob such as {p}/*.jsonl")
-        elif not p.is_file():
-            raise IngestError(f"source file not found: {p}")
         else:
-            matches = [p]
+            raise IngestError(f"source file not found: {p}")
         for m in matches:
             # absolute but not resolved: the path a user (and glob) names is the one recorded
             m = Path(os.path.abspath(m))
@@ -259,7 +269,7 @@ def expand_paths(patterns: Iterable[str], *, base: str | Path | None = None) -> 
 
 
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".json": "json",
-               ".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+               ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv", ".tab": "csv"}
 
 
 def detect_format(path: Path, declared: str = "auto") -> str:
@@ -271,297 +281,362 @@ def detect_format(path: Path, declared: str = "auto") -> str:
                           "to one of jsonl, json, parquet, csv")
     if fmt == "json":
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b" \t\r\n\xef\xbb\xbf")
-        if not head.startswith(b"["):
+            head = f.read(4096)
+        wide = wide_encoding(path)
+        if wide:
+            head = head[wide[2]:].decode(wide[0], "ignore").encode()
+        if not head.lstrip(b" \t\r\n\xef\xbb\xbf").startswith(b"["):
             fmt = "jsonl"
     return fmt
 
 
-def file_digest(path: Path, source: dsl.Source, fmt: str) -> str:
-    """sha256 of the file bytes + the settings that change what its rows become."""
+def file_digest(path: Path, source: dsl.Source, fmt: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str:
+    """sha256 of the file bytes + the settings that change what its rows become. Settings added
+    later (delimiter, max_record_bytes) enter only when they differ from their defaults, so a
+    file ingested by an earlier release keeps its digest and is not read twice."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         h.update(hashlib.file_digest(f, "sha256").digest())
     settings = {"rules": RULES_VERSION, "format": fmt, "columns": source.columns,
                 "polarity": source.polarity.model_dump(mode="json"), "labeled": source.labeled}
+    if source.delimiter:
+        settings["delimiter"] = source.delimiter
+    if max_record_bytes != DEFAULT_MAX_RECORD_BYTES:
+        settings["max_record_bytes"] = max_record_bytes
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- readers: file -> (row_number, text) chunks
+# ---------------------------------------------------------------- readers: file -> chunks of records
 
-@dataclass
-class _Chunk:
-    table: pa.Table                                  # row_number int64, text large_string (NULL: not UTF-8)
-    notes: dict[int, tuple[str, str]] = field(default_factory=dict)  # row_number -> (raw, detail), for rows Python explained
-    # JSONL: the byte offsets in the file of the rows' lines (n + 1), so that a row's raw text can
-    # be read again and the block need not stay in memory after validation
-    line_offsets: np.ndarray | None = None
-
-    def raw_texts(self, rows: Sequence[int], first_row: int, f) -> list[str]:
-        """The raw text (line terminator stripped) of these rows of the chunk, which starts at
-        `first_row`; `f` is the file, open for reading, for a chunk that keeps only line offsets."""
-        if self.line_offsets is None:
-            positions = np.searchsorted(self.table.column("row_number").to_numpy(), rows)
-            return [t.rstrip("\r\n") for t in self.table.column("text").take(positions).to_pylist()]
-        out = []
-        for r in rows:
-            start, end = int(self.line_offsets[r - first_row]), int(self.line_offsets[r - first_row + 1])
-            # a good row's line; "replace" only matters if the file changed since it was read
-            out.append(os.pread(f.fileno(), end - start, start).decode("utf-8", "replace").rstrip("\r\n"))
-        return out
-
-    def after_check(self) -> "_Chunk":
-        """What a validated chunk keeps until its rows are written: enough to find a row's raw
-        text (a duplicate's) again. A JSONL block is dropped: its lines can be read again."""
-        if self.line_offsets is None:
-            return self
-        return _Chunk(pa.table({}), {}, self.line_offsets)
+# Every reader yields Arrow tables of this shape, in row order: one row per record.
+CHUNK_SCHEMA = pa.schema([("row_number", pa.int64()), ("text", pa.large_string()),
+                          ("pre_reason", pa.string()), ("pre_detail", pa.large_string()),
+                          ("pre_raw", pa.large_string())])
+# Raw text kept for a record rejected before parsing (oversized, undecodable) is cut to this.
+RAW_KEEP = 10_000
 
 
-# The newline search and the UTF-8 drill-down work on pieces this size, which stay in the CPU
-# cache (a whole-block `arr == 10` is 3-4x slower: it writes and rereads a 64 MB mask).
-_SCAN_BYTES = 1 << 20
-_SCAN_LINES = 1024
+def _chunk(rows, text, pre: dict[int, tuple[str, str, str]] | None = None) -> pa.Table:
+    """A chunk from row numbers and texts; `pre` maps positions to (reason, detail, raw) of
+    records the reader rejected (their text is set to NULL)."""
+    n = len(rows)
+    reasons, details, raws = [None] * n, [None] * n, [None] * n
+    if pre:
+        text = pc.if_else(pa.array([i in pre for i in range(n)]), pa.scalar(None, pa.large_string()), text)
+        for i, (reason, detail, raw) in pre.items():
+            reasons[i], details[i], raws[i] = reason, detail, raw
+    return pa.table([pa.array(rows, pa.int64()), text, pa.array(reasons, pa.string()),
+                     pa.array(details, pa.large_string()), pa.array(raws, pa.large_string())], schema=CHUNK_SCHEMA)
 
 
-def _line_ends(arr: np.ndarray) -> np.ndarray:
-    """Offsets just past each newline of `arr` (uint8), int64."""
-    mask = np.empty(min(len(arr), _SCAN_BYTES), bool)
-    parts = [np.zeros(0, np.int64)]
-    for start in range(0, len(arr), _SCAN_BYTES):
-        piece = arr[start:start + _SCAN_BYTES]
-        parts.append(np.flatnonzero(np.equal(piece, 10, out=mask[:len(piece)])) + (start + 1))
-    return np.concatenate(parts)
-
-
-def _utf8_validity(text: pa.LargeStringArray, arr: np.ndarray, offsets: np.ndarray, first_row: int,
-                   notes: dict[int, tuple[str, str]]) -> np.ndarray | None:
-    """None when every line is UTF-8 (one vectorised check), else the per-line validity mask,
-    with a note (raw text with U+FFFD, where the bad byte is) for each bad line.
-
-    Only pieces of lines that fail Arrow's check are looked into, and in them only the lines
-    with a non-ASCII byte are decoded one by one.
-    """
-    try:
-        text.validate(full=True)
-        return None
-    except pa.ArrowInvalid:
-        pass
-    valid = np.ones(len(text), bool)
-    for start in range(0, len(text), _SCAN_LINES):
-        try:
-            text.slice(start, _SCAN_LINES).validate(full=True)
-            continue
-        except pa.ArrowInvalid:
-            pass
-        stop = min(start + _SCAN_LINES, len(text))
-        lo, hi = offsets[start], offsets[stop]
-        high = np.flatnonzero(arr[lo:hi] >= 0x80) + lo
-        for i in np.unique(np.searchsorted(offsets, high, side="right") - 1):
-            line = arr[offsets[i]:offsets[i + 1]].tobytes()
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                valid[i] = False
-                notes[first_row + int(i)] = (
-                    line.decode("utf-8", "replace").rstrip("\r\n"),
-                    f"invalid UTF-8 byte 0x{line[err.start]:02x} at byte {err.start} of the line")
-    return valid
-
-
-def _lines_chunk(data: bytes | memoryview, first_row: int, file_pos: int = 0) -> _Chunk:
-    """Cut `data` (whole lines) at newlines into an Arrow string array without copying the bytes.
-
-    Each element keeps its line terminator: JSON allows trailing whitespace, and the raw text
-    of a reject is stripped in SQL, so nothing per line happens in Python. Lines that are not
-    UTF-8 become NULL (see _utf8_validity).
-    """
+def _cut_lines(data, first_row: int, max_record_bytes: int, file_pos: int = 0) -> pa.Table:
+    """Whole lines of UTF-8 bytes -> a chunk, without copying the bytes: the newline offsets
+    (numpy) become the offsets of an Arrow string array over the block. Lines that are not
+    UTF-8 or longer than max_record_bytes are rejected here (the only per-line Python)."""
     arr = np.frombuffer(data, np.uint8)
-    ends = _line_ends(arr)
+    ends = np.flatnonzero(arr == 10) + 1
     if len(arr) and arr[-1] != 10:
         ends = np.append(ends, len(arr))
     n = len(ends)
     offsets = np.zeros(n + 1, np.int64)
     offsets[1:] = ends
-    rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
-    offsets_buf, data_buf = pa.py_buffer(offsets), pa.py_buffer(data)
-    text = pa.LargeStringArray.from_buffers(n, offsets_buf, data_buf)
-    notes: dict[int, tuple[str, str]] = {}
-    valid = _utf8_validity(text, arr, offsets, first_row, notes)
-    if valid is not None:
-        bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
-        text = pa.LargeStringArray.from_buffers(n, offsets_buf, data_buf, bitmap, int(n - valid.sum()))
-    return _Chunk(pa.table({"row_number": rows, "text": text}), notes, offsets + file_pos)
+    text = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+    pre: dict[int, tuple[str, str, str]] = {}
+    for i in np.flatnonzero(np.diff(offsets) > max_record_bytes + 2):   # + the line terminator
+        line = bytes(arr[offsets[i]:offsets[i] + RAW_KEEP])
+        pre[int(i)] = ("oversized", f"the record is {int(offsets[i + 1] - offsets[i])} bytes, above the maximum "
+                       f"record size of {max_record_bytes} bytes (Ingestion.max_record_bytes)",
+                       line.decode("utf-8", "replace"))
+    try:
+        text.validate(full=True)
+    except pa.ArrowInvalid:
+        # Only here, on a block that has a bad byte: find its lines (rare).
+        for i in np.unique(np.searchsorted(offsets, np.flatnonzero(arr >= 0x80), side="right") - 1):
+            if int(i) in pre:
+                continue
+            line = arr[offsets[i]:offsets[i + 1]].tobytes()
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                pre[int(i)] = ("invalid_utf8", f"invalid UTF-8 byte 0x{line[err.start]:02x} at byte {err.start} "
+                               "of the line", line.decode("utf-8", "replace").rstrip("\r\n"))
+    return _chunk(np.arange(first_row, first_row + n, dtype=np.int64), text, pre)
 
 
-def _read_jsonl(path: Path) -> Iterator[_Chunk]:
-    """Blocks of about CHUNK_BYTES cut after a newline. Each block is one os.pread into a fresh
-    bytes object (no zero-filled buffer, no carried partial line to copy: the next read starts
-    where the last whole line ended); the chunk's Arrow array points into it."""
+def _read_jsonl(path: Path, max_record_bytes: int) -> Iterator[pa.Table]:
+    """Blocks of about CHUNK_BYTES cut after a newline (one os.pread each). A line longer than
+    max_record_bytes is rejected without being held in memory: its bytes are skipped block by
+    block up to the next newline, keeping the first RAW_KEEP for the reject."""
     next_row = 1
     with open(path, "rb") as f:
         fd, size = f.fileno(), os.fstat(f.fileno()).st_size
         pos = 3 if os.pread(fd, 3, 0) == b"\xef\xbb\xbf" else 0   # a byte-order mark is not part of line 1
-        want = CHUNK_BYTES
         while pos < size:
-            data = os.pread(fd, min(want, size - pos), pos)
+            data = os.pread(fd, min(CHUNK_BYTES, size - pos), pos)
             if not data:    # the file shrank while we read it
                 return
             cut = len(data) if pos + len(data) >= size else data.rfind(b"\n") + 1
-            if cut == 0:    # one line longer than a block: read a bigger block
-                want *= 2
-                continue
-            chunk = _lines_chunk(memoryview(data)[:cut], next_row, pos)
-            next_row += chunk.table.num_rows
-            pos, want = pos + cut, CHUNK_BYTES
+            if cut == 0:    # no newline in a whole block: one line longer than CHUNK_BYTES
+                length, head, at = 0, data[:RAW_KEEP], pos
+                while True:
+                    nl = data.find(b"\n")
+                    if nl >= 0 or at + len(data) >= size:
+                        length += nl + 1 if nl >= 0 else len(data)
+                        break
+                    length, at = length + len(data), at + len(data)
+                    data = os.pread(fd, min(CHUNK_BYTES, size - at), at)
+                if length > max_record_bytes + 2:
+                    detail = (f"the record is {length} bytes, above the maximum record size of {max_record_bytes} "
+                              "bytes (Ingestion.max_record_bytes)")
+                    yield _chunk([next_row], pa.array([None], pa.large_string()),
+                                 {0: ("oversized", detail, head.decode("utf-8", "replace"))})
+                    next_row, pos = next_row + 1, pos + length
+                    continue
+                data, cut = os.pread(fd, length, pos), length   # allowed: read it whole
+            chunk = _cut_lines(memoryview(data)[:cut], next_row, max_record_bytes)
+            next_row += chunk.num_rows
+            pos += cut
             yield chunk
 
 
-def _batches(reader: pa.RecordBatchReader, notes: dict[int, tuple[str, str]] | None = None) -> Iterator[_Chunk]:
-    for batch in reader:
-        table = pa.Table.from_batches([batch]).cast(pa.schema([("row_number", pa.int64()), ("text", pa.large_string())]))
-        yield _Chunk(table, notes or {})
+# Byte-order marks of the wide encodings (UTF-32 first: its little-endian mark starts like UTF-16's).
+_WIDE_BOMS = [(b"\xff\xfe\x00\x00", "utf-32-le", "<u4"), (b"\x00\x00\xfe\xff", "utf-32-be", ">u4"),
+              (b"\xff\xfe", "utf-16-le", "<u2"), (b"\xfe\xff", "utf-16-be", ">u2")]
 
 
-def _read_json_array(cur: duckdb.DuckDBPyConnection, path: Path) -> Iterator[_Chunk]:
+def wide_encoding(path: Path) -> tuple[str, str, int] | None:
+    """(codec, numpy code-unit dtype, BOM length) of a file marked as UTF-16/32, else None."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for bom, codec, dtype in _WIDE_BOMS:
+        if head.startswith(bom):
+            return codec, dtype, len(bom)
+    return None
+
+
+def _read_wide_lines(path: Path, codec: str, dtype: str, bom: int, max_record_bytes: int) -> Iterator[pa.Table]:
+    """JSON lines in UTF-16/32: lines cut at the newline code unit, each decoded strictly; a
+    line that is not valid in the encoding is rejected as invalid_encoding, naming it."""
+    unit = np.dtype(dtype).itemsize
+    block = max(unit, CHUNK_BYTES // unit * unit)
+    next_row = 1
+    with open(path, "rb") as f:
+        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+        pos, carry = bom, b""
+        while pos < size or carry:
+            data = carry + (os.pread(fd, min(block, size - pos), pos) if pos < size else b"")
+            pos += len(data) - len(carry)
+            usable = len(data) // unit * unit
+            units = np.frombuffer(data[:usable], dtype)
+            ends = (np.flatnonzero(units == 10) + 1) * unit
+            if pos >= size:
+                if usable and (not len(ends) or ends[-1] != usable):
+                    ends = np.append(ends, usable)
+                carry = b""
+                if usable != len(data):          # a dangling odd byte: part of the last line
+                    ends = np.append(ends[:-1], len(data)) if len(ends) else np.array([len(data)])
+            else:
+                if not len(ends):
+                    carry = data
+                    continue
+                carry = data[ends[-1]:]
+            starts = np.concatenate([[0], ends[:-1]])
+            texts, pre = [], {}
+            for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+                raw = data[a:b]
+                try:
+                    line = raw.decode(codec)
+                except UnicodeDecodeError as err:
+                    texts.append(None)
+                    pre[i] = ("invalid_encoding", f"the file is marked {codec.upper()} by its byte-order mark, and "
+                              f"this line is not valid {codec.upper()} ({err.reason} at byte {err.start})",
+                              raw.decode(codec, "replace").rstrip("\r\n")[:RAW_KEEP])
+                    continue
+                if len(line.encode()) > max_record_bytes + 2:
+                    texts.append(None)
+                    pre[i] = ("oversized", f"the record is {len(line.encode())} bytes as UTF-8, above the maximum "
+                              f"record size of {max_record_bytes} bytes (Ingestion.max_record_bytes)", line[:RAW_KEEP])
+                    continue
+                texts.append(line)
+            if texts:
+                yield _chunk(np.arange(next_row, next_row + len(texts)), pa.array(texts, pa.large_string()), pre)
+                next_row += len(texts)
+            if pos >= size:
+                return
+
+
+def _decoded_text(path: Path) -> tuple[str, str | None]:
+    """The text of a whole file (JSON arrays, CSV in a wide encoding) and, when its bytes are
+    not valid in its encoding, why (naming the encoding)."""
     raw = path.read_bytes()
+    wide = wide_encoding(path)
+    codec, skip = (wide[0], wide[2]) if wide else ("utf-8-sig", 0)
     try:
-        text, lossy = raw.decode("utf-8-sig"), False
-    except UnicodeDecodeError:
-        # Elements that hold the replacement character are the ones with bad bytes; a file
-        # that is valid UTF-8 never takes this path, so a genuine U+FFFD is never misread.
-        text, lossy = raw.decode("utf-8-sig", "replace"), True
+        return raw[skip:].decode(codec), None
+    except UnicodeDecodeError as err:
+        name = "UTF-8" if codec == "utf-8-sig" else f"{codec.upper()} (by its byte-order mark)"
+        return raw[skip:].decode(codec, "replace"), f"{err.reason} at byte {err.start + skip}: the file is not valid {name}"
+
+
+def _read_json_array(cur: duckdb.DuckDBPyConnection, path: Path, max_record_bytes: int) -> Iterator[pa.Table]:
+    """A JSON array: DuckDB's json_each splits it into elements (1-based row numbers)."""
+    text, bad = _decoded_text(path)
+    reason = "invalid_utf8" if bad and wide_encoding(path) is None else "invalid_encoding"
     try:
         rel = cur.sql("SELECT key::BIGINT + 1 AS row_number, value::VARCHAR AS text FROM json_each($doc)",
                       params={"doc": text})
         table = rel.to_arrow_table()
     except duckdb.Error as err:
         # Not a parseable array: no record can be told from the next, so the file is one bad row.
-        notes = {1: (text[:10_000], f"the file is not a valid JSON array: {str(err).splitlines()[0][:300]}")}
-        yield _Chunk(pa.table({"row_number": pa.array([1], pa.int64()),
-                               "text": pa.array(["\x00not json"], pa.large_string())}), notes)
+        detail = f"the file is not a valid JSON array: {str(err).splitlines()[0][:300]}"
+        yield _chunk([1], pa.array([None], pa.large_string()), {0: ("malformed_json", detail, text[:RAW_KEEP])})
         return
-    notes: dict[int, tuple[str, str]] = {}
-    if lossy:
-        values = table.column("text").to_pylist()
-        for i, v in enumerate(values):
-            if "\ufffd" in v:
-                notes[i + 1] = (v, "invalid UTF-8 bytes in this element (shown as U+FFFD)")
-                values[i] = None
-        table = table.set_column(1, "text", pa.array(values, pa.large_string()))
-    yield from _batches(table.to_reader(CHUNK_ROWS), notes)
+    texts = table.column("text").combine_chunks().cast(pa.large_string())
+    pre = {}
+    lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(lengths > max_record_bytes):
+        pre[int(i)] = ("oversized", f"the record is {int(lengths[i])} bytes, above the maximum record size of "
+                       f"{max_record_bytes} bytes (Ingestion.max_record_bytes)", texts[int(i)].as_py()[:RAW_KEEP])
+    if bad:
+        for i, v in enumerate(texts.to_pylist()):
+            if "\ufffd" in v and i not in pre:
+                pre[i] = (reason, f"{bad}; this element holds the bad bytes (shown as U+FFFD)", v)
+    rows = table.column("row_number").to_numpy()
+    for start in range(0, max(len(rows), 1), CHUNK_ROWS):
+        part = {i - start: v for i, v in pre.items() if start <= i < start + CHUNK_ROWS}
+        if len(rows):
+            yield _chunk(rows[start:start + CHUNK_ROWS], texts.slice(start, CHUNK_ROWS), part)
 
 
-def _struct_of_columns(cur: duckdb.DuckDBPyConnection, scan: str) -> str:
-    cols = [r[0] for r in cur.sql(f"DESCRIBE SELECT * FROM {scan}").fetchall()]
-    return "struct_pack(" + ", ".join(f'{_ident(c)} := {_ident(c)}' for c in cols) + ")"
+def literal_scan_path(path: Path) -> str:
+    """A path DuckDB's readers open as that one file: DuckDB expands * ? [ as a glob, so they are
+    written as one-character classes ([*], [?], [[]) that match only themselves."""
+    return re.sub(r"([*?\[])", r"[\1]", str(path))
 
 
-def _read_parquet(cur: duckdb.DuckDBPyConnection, path: Path) -> Iterator[_Chunk]:
-    scan = f"read_parquet({_lit(str(path))})"
+def _records_sql(cur: duckdb.DuckDBPyConnection, scan: str, max_record_bytes: int) -> tuple[str, str]:
+    """(text, pre) expressions rendering a row of `scan` as a JSON object; BINARY columns are
+    decoded as UTF-8, and a value that is not UTF-8 rejects its row as wrong_type."""
+    described = cur.sql(f"DESCRIBE SELECT * FROM {scan}").fetchall()
+    fields, bad = [], []
+    for name, kind, *_ in described:
+        if name == "file_row_number":
+            continue
+        col = _ident(name)
+        if kind == "BLOB":
+            fields.append(f"{_lit(name)}: try(decode({col}))")
+            bad.append(f"CASE WHEN {col} IS NOT NULL AND try(decode({col})) IS NULL THEN "
+                       f"{_lit('column ' + name + ' is BINARY that is not UTF-8 text')} END")
+        else:
+            fields.append(f"{_lit(name)}: {col}")
+    text = "to_json({" + ", ".join(fields) + "})::VARCHAR"
+    pre = ("concat_ws('; ', " + ", ".join(bad) + ")") if bad else "NULL"
+    return text, pre
+
+
+def _from_records(cur: duckdb.DuckDBPyConnection, sql: str, max_record_bytes: int) -> Iterator[pa.Table]:
+    """Rows of (row_number, text, bad) from DuckDB -> chunks, wrong_type for bad BINARY values and
+    oversized for records longer than the maximum."""
+    rel = cur.sql(f"""
+        SELECT row_number,
+               CASE WHEN bad <> '' THEN 'wrong_type'
+                    WHEN strlen(text) > {int(max_record_bytes)} THEN 'oversized' END AS pre_reason,
+               text
+        FROM ({sql})""")
+    for batch in rel.to_arrow_reader(CHUNK_ROWS):
+        table = pa.Table.from_batches([batch])
+        reasons = table.column("pre_reason")
+        if reasons.null_count == len(reasons):
+            yield _chunk(table.column("row_number").to_numpy(), table.column("text").combine_chunks()
+                         .cast(pa.large_string()))
+            continue
+        pre = {}
+        texts = table.column("text").to_pylist()
+        for i, reason in enumerate(reasons.to_pylist()):
+            if reason == "oversized":
+                pre[i] = (reason, f"the record is {len(texts[i].encode())} bytes as JSON, above the maximum record "
+                          f"size of {max_record_bytes} bytes (Ingestion.max_record_bytes)", texts[i][:RAW_KEEP])
+            elif reason:
+                pre[i] = (reason, "a BINARY value that is not UTF-8 text", texts[i])
+        yield _chunk(table.column("row_number").to_numpy(), pa.array(texts, pa.large_string()), pre)
+
+
+def _read_parquet(cur: duckdb.DuckDBPyConnection, path: Path, max_record_bytes: int) -> Iterator[pa.Table]:
+    scan = f"read_parquet({_lit(literal_scan_path(path))}, file_row_number = true)"
     try:
-        struct = _struct_of_columns(cur, scan)
-        rel = cur.sql(f"SELECT file_row_number + 1 AS row_number, to_json({struct})::VARCHAR AS text "
-                      f"FROM read_parquet({_lit(str(path))}, file_row_number = true) ORDER BY file_row_number")
-        yield from _batches(rel.to_arrow_reader(CHUNK_ROWS))
+        text, bad = _records_sql(cur, scan, max_record_bytes)
+        yield from _from_records(cur, f"SELECT file_row_number + 1 AS row_number, {text} AS text, {bad} AS bad "
+                                      f"FROM {scan} ORDER BY file_row_number", max_record_bytes)
     except duckdb.Error as err:
-        raise IngestError(f"cannot read Parquet file {path}: {err}") from err
+        raise IngestError(f"cannot read Parquet file {path}: {str(err).splitlines()[0]}") from err
 
 
-def _read_csv(cur: duckdb.DuckDBPyConnection, path: Path) -> Iterator[_Chunk]:
-    """CSV with a header row; row numbers count data records (the header is not a row).
+def csv_delimiter(path: Path, source: dsl.Source) -> str:
+    """The declared delimiter, else by extension: tab for .tsv/.tab, a comma otherwise."""
+    if source.delimiter:
+        return source.delimiter
+    return "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
 
-    DuckDB sets aside records it cannot split (and non-UTF-8 ones) in a rejects table that
-    names their record number; the good records get the remaining numbers in order.
+
+def _read_csv(cur: duckdb.DuckDBPyConnection, path: Path, source: dsl.Source,
+              max_record_bytes: int) -> Iterator[pa.Table]:
+    """CSV with a header row, in an explicit dialect: RFC 4180 quoting ('"', doubled to escape),
+    the delimiter by extension or declared; nothing is sniffed per file, so one odd record
+    cannot switch how the others are read. Row numbers count data records (the header is not
+    a row). DuckDB sets aside records it cannot split (and non-UTF-8 or oversized ones) in a
+    rejects table that names their record number; the good records get the other numbers in order.
     """
-    opts = ("header = true, all_varchar = true, parallel = false, ignore_errors = true, "
+    wide = wide_encoding(path)
+    tmp = None
+    if wide is not None:     # DuckDB reads UTF-8: transcode a BOM-marked UTF-16/32 file first
+        text, bad = _decoded_text(path)
+        if bad:
+            raise IngestError(f"cannot read CSV file {path}: {bad}")
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".csv", encoding="utf-8", delete=False)
+        with tmp:
+            tmp.write(text)
+        del text
+    read = Path(tmp.name) if tmp else path
+    delim = csv_delimiter(path, source)
+    opts = (f"header = true, all_varchar = true, delim = {_lit(delim)}, quote = '\"', escape = '\"', "
+            f"strict_mode = true, ignore_errors = true, max_line_size = {int(max_record_bytes) + 2}, "
             "store_rejects = true, rejects_table = '_ingest_csv_errors', rejects_scan = '_ingest_csv_scans'")
-    scan = f"read_csv({_lit(str(path))}, {opts})"
+    scan = f"read_csv({_lit(literal_scan_path(read))}, {opts})"
     try:
         cur.execute("DROP TABLE IF EXISTS _ingest_csv_errors; DROP TABLE IF EXISTS _ingest_csv_scans")
-        struct = _struct_of_columns(cur, scan)
-        good = cur.sql(f"SELECT to_json({struct})::VARCHAR AS text FROM {scan}").to_arrow_table()
+        text, bad = _records_sql(cur, scan, max_record_bytes)
+        good = cur.sql(f"SELECT {text} AS text FROM {scan}").to_arrow_table()
         errors = cur.sql("SELECT line - 1 AS row_number, any_value(error_type::VARCHAR), any_value(csv_line), "
                          "any_value(error_message) FROM _ingest_csv_errors GROUP BY line ORDER BY line").fetchall()
     except duckdb.Error as err:
-        raise IngestError(f"cannot read CSV file {path}: {err}") from err
+        raise IngestError(f"cannot read CSV file {path}: {str(err).splitlines()[0]}") from err
+    finally:
+        if tmp:
+            os.unlink(tmp.name)
     bad_rows = np.array([r[0] for r in errors], np.int64)
     total = good.num_rows + len(bad_rows)
     numbers = np.setdiff1d(np.arange(1, total + 1, dtype=np.int64), bad_rows)
     if len(numbers) != good.num_rows:   # DuckDB numbered differently (e.g. blank lines): fall back to order
         numbers = np.arange(1, good.num_rows + 1, dtype=np.int64)
-    table = pa.table({"row_number": numbers, "text": good.column("text").cast(pa.large_string())})
-    notes: dict[int, tuple[str, str]] = {}
-    if errors:
-        notes = {int(r): (line or "", f"{kind}: {msg}") for r, kind, line, msg in errors}
-        # Non-UTF-8 records become NULL text (invalid_utf8); records DuckDB could not split get a
-        # text no JSON parser accepts, which the check names malformed_csv.
-        texts = [None if kind == "INVALID ENCODING" else "\x00malformed_csv" for _, kind, _, _ in errors]
-        bad = pa.table({"row_number": pa.array(bad_rows), "text": pa.array(texts, pa.large_string())})
-        table = pa.concat_tables([table, bad]).sort_by("row_number")   # chunks must come in row order
-    yield from _batches(table.to_reader(CHUNK_ROWS), notes)
+    texts = good.column("text").combine_chunks().cast(pa.large_string())
+    lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False) if len(texts) else np.zeros(0)
+    over = {int(i) for i in np.flatnonzero(lengths > max_record_bytes)}
+    all_rows = np.concatenate([numbers, bad_rows])
+    all_texts = pa.concat_arrays([texts, pa.nulls(len(bad_rows), pa.large_string())])
+    pre = {i: ("oversized", f"the record is {int(lengths[i])} bytes as JSON, above the maximum record size of "
+               f"{max_record_bytes} bytes (Ingestion.max_record_bytes)", texts[i].as_py()[:RAW_KEEP]) for i in over}
+    kinds = {"INVALID ENCODING": "invalid_utf8", "LINE SIZE OVER MAXIMUM": "oversized"}
+    for k, (_, kind, line, msg) in enumerate(errors):
+        pre[good.num_rows + k] = (kinds.get(kind, "malformed_csv"), f"{kind}: {msg}", (line or "")[:RAW_KEEP])
+    order = np.argsort(all_rows, kind="stable")
+    position = {int(old): new for new, old in enumerate(order)}
+    table = _chunk(all_rows[order], all_texts.take(pa.array(order)), {position[i]: v for i, v in pre.items()})
+    for start in range(0, table.num_rows, CHUNK_ROWS):
+        yield table.slice(start, CHUNK_ROWS)
 
 
-# ---------------------------------------------------------------- checking, staging, writing
-
-# Validated rows (Arrow, with the source text of non-JSONL chunks) wait in memory until about
-# this many bytes are pending; then one flush dedupes them and writes them with one INSERT per
-# table. Each flush scans triplets.id once, so fewer flushes are cheaper on a big warehouse;
-# this size keeps the peak RSS of the 1M-row benchmark (546 MB) near 1.6 GB. DuckDB also keeps
-# the blocks it has written cached (about 140 MB per 1M rows) until the memory limit evicts them.
-PENDING_BYTES = 256 << 20
-
-
-def _check(cur: duckdb.DuckDBPyConnection, chunk: _Chunk, check_sql: str) -> pa.Table:
-    """The validation query (ingest_sql.validation_sql) over one chunk, as Arrow."""
-    cur.register("_ingest_chunk", chunk.table)
-    try:
-        return cur.sql(check_sql).to_arrow_table()
-    finally:
-        cur.unregister("_ingest_chunk")
-
-
-def _content_ids(payload: pa.ChunkedArray) -> pa.Array:
-    """warehouse.content_key of every row whose payload is set (ingest_sql: the same bytes).
-
-    One hashlib call per row over a slice of the Arrow data buffer (no Python string per field,
-    no copy of the text); the digests become hex in one call, and an Arrow array of fixed
-    64-character strings without a Python string per id.
-    """
-    sha256 = hashlib.sha256
-    digests: list[bytes] = []
-    for arr in payload.chunks:
-        if len(arr) == 0:
-            continue
-        if arr.type != pa.string():
-            arr = arr.cast(pa.string())
-        _, offsets, data = arr.buffers()[:3]
-        offs = np.frombuffer(offsets, np.int32, len(arr) + 1, arr.offset * 4).tolist()
-        view = memoryview(data if data is not None else b"")
-        digests.extend([sha256(view[a:b]).digest() for a, b in zip(offs, offs[1:])])
-    n = len(digests)
-    hex_ids = b"".join(digests).hex().encode()
-    offsets = pa.py_buffer(np.arange(0, 64 * (n + 1), 64, dtype=np.int32))
-    nulls = payload.is_null().to_numpy(zero_copy_only=False)
-    validity = pa.py_buffer(np.packbits(~nulls, bitorder="little")) if nulls.any() else None
-    return pa.StringArray.from_buffers(n, offsets, pa.py_buffer(hex_ids), validity, int(nulls.sum()))
-
-
-def _explain_json_errors(checked: pa.Table, notes: dict[int, tuple[str, str]]) -> None:
-    """Python's parser names the position of a syntax error; only the (rare) malformed rows pay."""
-    bad = checked.select(["row_number", "reason", "raw"])
-    bad = bad.filter(pc.equal(bad["reason"], "malformed_json"))
-    for row_number, raw in zip(bad["row_number"].to_pylist(), bad["raw"].to_pylist()):
-        if row_number in notes:
-            continue
-        try:
-            json.loads(raw)
-            detail = "not valid JSON"
-        except (ValueError, RecursionError) as err:
-            detail = f"not valid JSON: {err}"
-        notes[row_number] = (raw, detail[:300])
-
+# ---------------------------------------------------------------- checking and writing
 
 def _count(report: FileReport, reason: str | None, polarity: str | None, contradiction: bool | None, n: int) -> None:
     if reason == "blank":
@@ -583,220 +658,121 @@ def _count(report: FileReport, reason: str | None, polarity: str | None, contrad
         report.contradictions += n
 
 
-@dataclass
-class _Pending:
-    """Rows validated (with ids) and not yet written, and where to find their raw text."""
-
-    checked: list[pa.Table] = field(default_factory=list)
-    chunks: list[tuple[int, _Chunk]] = field(default_factory=list)    # (first row, chunk.after_check())
-    notes: dict[int, tuple[str, str]] = field(default_factory=dict)
-    nbytes: int = 0
-
-    def add(self, chunk: _Chunk, checked: pa.Table) -> None:
-        first = chunk.table.column("row_number")[0].as_py() if chunk.table.num_rows else 0
-        kept = chunk.after_check()
-        self.checked.append(checked)
-        self.chunks.append((first, kept))
-        self.notes.update(chunk.notes)
-        self.nbytes += checked.nbytes + kept.table.nbytes
-
-    def raw_texts(self, rows: list[int], path: Path) -> list[str]:
-        """Raw texts of pending rows (sorted row numbers), one chunk at a time."""
-        out: list[str] = []
-        firsts = [first for first, _ in self.chunks]
-        with open(path, "rb") as f:
-            i = 0
-            while i < len(rows):
-                k = bisect.bisect_right(firsts, rows[i]) - 1
-                j = bisect.bisect_left(rows, firsts[k + 1]) if k + 1 < len(firsts) else len(rows)
-                out.extend(self.chunks[k][1].raw_texts(rows[i:j], firsts[k], f))
-                i = j
-        return out
-
-
-class _Stream:
-    """An Arrow table that DuckDB reads through the Arrow C stream interface, once per scan.
-
-    con.register() of a table inside a transaction keeps the table alive until the commit (the
-    catalog keeps a dropped view for the transaction), so one large file, written in one
-    transaction, would end up with all its rows in memory at once. Registering this holder and
-    dropping its table after the flush leaves only the empty holder behind.
-    """
-
-    def __init__(self, table: pa.Table):
-        self.table: pa.Table | None = table
-
-    def __arrow_c_stream__(self, requested_schema=None):
-        return self.table.__arrow_c_stream__(requested_schema)
-
-
-def _flush(con: duckdb.DuckDBPyConnection, pending: _Pending, report: FileReport, params: dict) -> None:
-    """Dedupe the pending rows against the warehouse and each other, count them, write them."""
-    if not pending.checked:
+def _explain_json_errors(cur: duckdb.DuckDBPyConnection) -> None:
+    """Python's parser names the position of a syntax error; only the (rare) malformed rows pay."""
+    bad = cur.sql("SELECT row_number, raw FROM _ingest_checked WHERE reason = 'malformed_json' "
+                  "AND detail IS NULL").fetchall()
+    if not bad:
         return
-    notes = sorted(pending.notes.items())
-    streams = {
-        "_ingest_checked": _Stream(pa.concat_tables(pending.checked)),
-        "_ingest_notes": _Stream(pa.table({
-            "row_number": pa.array([r for r, _ in notes], pa.int64()),
-            "raw": pa.array([n[0] for _, n in notes], pa.large_string()),
-            "detail": pa.array([n[1] for _, n in notes], pa.large_string())})),
-    }
+    details = []
+    for _, raw in bad:
+        try:
+            json.loads(raw)
+            details.append("not valid JSON")
+        except (ValueError, RecursionError) as err:
+            details.append(f"not valid JSON: {err}"[:300])
+    explained = pa.table({"row_number": pa.array([r for r, _ in bad], pa.int64()), "detail": details})
+    cur.register("_ingest_explained", explained)
     try:
-        for name, stream in streams.items():
-            con.register(name, stream)
-        dups = con.sql(ingest_sql.DUPS_SQL, params={"source": params["source"]}).to_arrow_table()
-        # the raw text of each duplicate (usually a handful), looked up in Python
-        rows = dups.column("row_number").to_pylist()
-        raw = pending.raw_texts(rows, Path(params["source"])) if rows else []
-        streams["_ingest_dups"] = _Stream(dups.append_column("raw", pa.array(raw, pa.large_string())))
-        con.register("_ingest_dups", streams["_ingest_dups"])
-        for reason, polarity, contradiction, n in con.sql(ingest_sql.COUNT_SQL).fetchall():
-            _count(report, reason, polarity, contradiction, n)
-        for statement in ingest_sql.INSERT_SQL:
-            con.execute(statement, params)
+        cur.execute("UPDATE _ingest_checked c SET detail = e.detail FROM _ingest_explained e "
+                    "WHERE c.row_number = e.row_number")
     finally:
-        for name, stream in streams.items():
-            con.unregister(name)
-            stream.table = None
-    pending.checked, pending.chunks, pending.notes, pending.nbytes = [], [], {}, 0
+        cur.unregister("_ingest_explained")
 
 
-_END = object()
-
-
-class _Ahead:
-    """Iterates `items` in one worker thread, up to `depth` items ahead of the caller.
-
-    The items are (chunk, validated chunk): the reader and the validation query run in the worker
-    (DuckDB and numpy release the GIL) while the caller hashes ids and writes, so on two cores the
-    two halves overlap; `depth` 2 keeps the worker busy through a flush.
-    """
-
-    def __init__(self, items: Iterator, depth: int, cursors: Sequence[duckdb.DuckDBPyConnection]):
-        self._items, self._cursors = items, cursors
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-check")
-        self._queue = deque(self._pool.submit(next, items, _END) for _ in range(depth))
-
-    def __iter__(self) -> Iterator:
-        while True:
-            item = self._queue.popleft().result()
-            if item is _END:
-                return
-            self._queue.append(self._pool.submit(next, self._items, _END))
-            yield item
-
-    def close(self, interrupt: bool = False) -> None:
-        """Drop what is queued, interrupt the running query if asked, wait for the worker."""
-        for future in self._queue:
-            future.cancel()
-        if interrupt and any(not future.done() for future in self._queue):
-            for cur in self._cursors:
-                cur.interrupt()
-        self._pool.shutdown(wait=True)
-
-
-def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.Source, *, batch: str) -> FileReport:
+def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.Source, *, batch: str,
+                max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> FileReport:
     """Ingest one file in one transaction; skip it when its digest is already recorded.
 
     The connection must be a writable warehouse connection (warehouse.connect) with no open
     transaction: this function commits the file's triplets, rejects and digest together, or
-    nothing (it also turns the connection's progress bar off). `triplets.source` and
-    `rejects.source` hold the file's absolute path, symlinks not resolved.
+    nothing. `triplets.source` and `rejects.source` hold the file's absolute path, symlinks not
+    resolved. Each chunk of records is checked by one DuckDB statement (ingest_sql) into a
+    temporary table and written by warehouse.add_checked, so memory stays bounded by the chunk.
     """
     path = Path(os.path.abspath(path))
     fmt = detect_format(path, source.format)
     started = time.perf_counter()
+    seconds = {"digest": 0.0, "check": 0.0, "write": 0.0}
+    digest = file_digest(path, source, fmt, max_record_bytes)
+    seconds["digest"] = time.perf_counter() - started
+    report = FileReport(path=str(path), format=fmt, digest=digest)
+    earlier = wh.ingested_file(con, digest)
+    if earlier:
+        report.skipped, report.earlier = True, earlier
+        return report
+
     check_sql = ingest_sql.validation_sql(source)
-    params = {"source": str(path), "batch": batch}
-    reader = con.cursor()    # Parquet/CSV/JSON-array scans stream on their own cursor
-    checker = con.cursor()   # validation runs on its own cursor, in the worker thread
-    for c in (con, reader, checker):
-        c.execute("SET enable_progress_bar = false")   # DuckDB would draw one on a terminal
+    cur = con.cursor()    # the reader's scans stream on their own cursor
+    con.execute("SET enable_progress_bar = false")   # DuckDB would draw one on a terminal
+    cur.execute("SET enable_progress_bar = false")
+    wide = wide_encoding(path)
     if fmt == "jsonl":
-        chunks = _read_jsonl(path)
+        chunks = (_read_wide_lines(path, *wide, max_record_bytes) if wide
+                  else _read_jsonl(path, max_record_bytes))
     elif fmt == "json":
-        chunks = _read_json_array(reader, path)
+        chunks = _read_json_array(cur, path, max_record_bytes)
     elif fmt == "parquet":
-        chunks = _read_parquet(reader, path)
+        chunks = _read_parquet(cur, path, max_record_bytes)
     else:
-        chunks = _read_csv(reader, path)
-    # The worker starts validating at once, while this thread hashes the file: the digest (a
-    # second full read) costs no time on two cores, and a file already ingested stops the
-    # worker before anything is written.
-    ahead = _Ahead(((chunk, _check(checker, chunk, check_sql)) for chunk in chunks), 2, [reader, checker])
-    pending = _Pending()
-    seconds = {"digest": 0.0, "hash": 0.0, "write": 0.0}
-    in_transaction = False
-
-    def flush() -> None:
-        # Validation stays outside any transaction; the writes to the warehouse tables happen in
-        # one transaction that also records the digest.
-        nonlocal in_transaction
-        t = time.perf_counter()
-        if not in_transaction:
-            con.execute("BEGIN TRANSACTION")
-            in_transaction = True
-        _flush(con, pending, report, params)
-        seconds["write"] += time.perf_counter() - t
-
+        chunks = _read_csv(cur, path, source, max_record_bytes)
+    con.execute("BEGIN TRANSACTION")
     try:
-        digest = file_digest(path, source, fmt)
-        seconds["digest"] = time.perf_counter() - started
-        report = FileReport(path=str(path), format=fmt, digest=digest)
-        earlier = con.execute("SELECT path, rows_read, accepted, rejected, batch FROM ingested_files "
-                              "WHERE digest = ?", [digest]).fetchall()
-        if earlier:
-            ahead.close(interrupt=True)
-            p, rows_read, accepted, rejected, b = earlier[0]
-            report.skipped = True
-            report.earlier = {"path": p, "rows_read": rows_read, "accepted": accepted, "rejected": rejected,
-                              "batch": b}
-            return report
-        for chunk, checked in ahead:
+        while True:
             t = time.perf_counter()
-            ids = _content_ids(checked.column("payload"))
-            checked = checked.drop_columns(["payload"]).append_column("id", ids)
-            seconds["hash"] += time.perf_counter() - t
-            pending.add(chunk, checked)
-            _explain_json_errors(checked, pending.notes)
-            del chunk, checked      # a JSONL block is freed here (pending keeps line offsets)
-            if pending.nbytes > PENDING_BYTES:   # write what is validated, go on
-                flush()
-        flush()
-        con.execute("INSERT INTO ingested_files (digest, path, rows_read, accepted, rejected, batch) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [digest, str(path), report.rows_read, report.accepted, report.rejected, batch])
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            con.register("_ingest_chunk", chunk)
+            try:
+                con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sql}")
+            finally:
+                con.unregister("_ingest_chunk")
+            del chunk
+            _explain_json_errors(con)
+            seconds["check"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for reason, polarity, contradiction, n in wh.add_checked(con, "_ingest_checked", source=str(path),
+                                                                       batch=batch, digest=digest):
+                _count(report, reason, polarity, contradiction, n)
+            con.execute("DROP TABLE _ingest_checked")
+            seconds["write"] += time.perf_counter() - t
         t = time.perf_counter()
+        wh.record_ingested_file(con, digest=digest, path=str(path), rows_read=report.rows_read,
+                                accepted=report.accepted, rejected=report.rejected, batch=batch)
         con.execute("COMMIT")
         seconds["write"] += time.perf_counter() - t
     except BaseException:
-        ahead.close(interrupt=True)
-        if in_transaction:
-            con.execute("ROLLBACK")
+        con.execute("ROLLBACK")
         raise
     finally:
-        ahead.close()
         chunks.close()
-        reader.close()
-        checker.close()
-    # "check": reading, validating and hashing ids, as far as the digest and the writing did not
-    # hide them; "write": dedupe, inserts and commit.
-    seconds["check"] = time.perf_counter() - started - seconds["digest"] - seconds["write"]
+        cur.close()
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     report.rejected_by_reason = dict(sorted(report.rejected_by_reason.items()))
     return report
 
 
+def check_sources(sources: Sequence[dsl.Source], *, base: str | Path | None = None) -> list[tuple[dsl.Source, Path]]:
+    """The files of the sources with their formats checked, before anything is opened for
+    writing: raises IngestError (a missing file, a pattern matching nothing, an unknown format)."""
+    files = [(src, p) for src in sources for p in expand_paths(src.paths, base=base)]
+    for src, p in files:
+        detect_format(p, src.format)
+    return files
+
+
 def ingest_files(con: duckdb.DuckDBPyConnection, source: dsl.Source, *, max_reject_rate: float | None = None,
-                 batch: str | None = None, base: str | Path | None = None) -> IngestReport:
+                 batch: str | None = None, base: str | Path | None = None,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> IngestReport:
     """Ingest every file of one DSL `Source` (paths and globs); see `ingest_sources`."""
-    return ingest_sources(con, [source], max_reject_rate=max_reject_rate, batch=batch, base=base)
+    return ingest_sources(con, [source], max_reject_rate=max_reject_rate, batch=batch, base=base,
+                          max_record_bytes=max_record_bytes)
 
 
 def ingest_sources(con: duckdb.DuckDBPyConnection, sources: Sequence[dsl.Source], *,
                    max_reject_rate: float | None = None, batch: str | None = None,
-                   base: str | Path | None = None) -> IngestReport:
+                   base: str | Path | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> IngestReport:
     """Ingest the files of several sources under one batch name and one reject-rate gate.
 
     Each file is committed on its own (its triplets, rejects and digest); a file already
@@ -806,9 +782,8 @@ def ingest_sources(con: duckdb.DuckDBPyConnection, sources: Sequence[dsl.Source]
     """
     batch = batch or default_batch()
     report = IngestReport(batch=batch)
-    files = [(src, p) for src in sources for p in expand_paths(src.paths, base=base)]
-    for src, path in files:
-        report.files.append(ingest_file(con, path, src, batch=batch))
+    for src, path in check_sources(sources, base=base):
+        report.files.append(ingest_file(con, path, src, batch=batch, max_record_bytes=max_record_bytes))
     if max_reject_rate is not None:
         check_reject_rate(report, max_reject_rate)
     return report

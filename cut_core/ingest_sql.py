@@ -1,16 +1,19 @@
-"""The SQL behind cut_core.ingest: the validation query and the per-flush dedupe and inserts.
+"""The validation query of cut_core.ingest: one chunk of records in, one checked row per record out.
 
-`validation_sql(source)` checks one chunk `_ingest_chunk(row_number BIGINT, text VARCHAR)` (text:
-one record as JSON, NULL when the bytes were not UTF-8) and yields one row per input row:
+`validation_sql(source)` checks one chunk `_ingest_chunk(row_number BIGINT, text VARCHAR,
+pre_reason VARCHAR, pre_detail VARCHAR, pre_raw VARCHAR)`: `text` is one record as JSON;
+`pre_reason` is set (and text NULL) where the reader already rejected the record (invalid_utf8,
+invalid_encoding, malformed_csv, oversized, wrong_type for a BINARY Parquet value that is not
+UTF-8), with its detail and raw text. It yields one row per input row:
 
     row_number, reason, detail, raw,                                   -- reason NULL: a good row
     instruction, response, judgment, polarity, refined, score, contradiction, -- good rows only
-    payload                                                            -- good rows: what the id hashes
+    id                                                                 -- good rows: the content hash
 
-`payload` is the byte layout of warehouse.content_key(instruction, response, judgment): each part
-as 0x01 + UTF-8 text (0x00 for NULL), then 0x1f. Python hashes it (hashlib's SHA-256 uses the
-CPU's SHA instructions and runs several times faster than DuckDB's sha256(), which was a third of
-the whole ingest). Duplicates need the ids, so they are found later, per flush (DUPS_SQL).
+`raw` is the record's text for every row (a good row's raw text names a duplicate). The id is
+warehouse.content_key_sql (sha256 in DuckDB, the same bytes as warehouse.content_key), the
+polarity is polarity.positive_sql (the rule judges use). Duplicates are found by the warehouse
+(warehouse.add_checked), which owns every statement on `triplets`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import re
 
 from cut_core import dsl
+from cut_core.polarity import positive_sql
+from cut_core.warehouse import content_key_sql
 
 # Whitespace set used to decide that a field or a judgment marker is blank.
 WS = " \t\n\r\f\v"
@@ -101,8 +106,8 @@ def validation_sql(source: dsl.Source) -> str:
     else:
         score, threshold = "NULL::DOUBLE", "NULL"
 
-    positive_re, contra_re = _prefix_regex(pol.positive_prefixes), _prefix_regex(pol.contradiction_prefixes)
-    is_positive_text = f"regexp_matches(judgment, {lit(positive_re)})" if positive_re else "false"
+    contra_re = _prefix_regex(pol.contradiction_prefixes)
+    is_positive_text = positive_sql("judgment", pol.positive_prefixes)
     says_perfect = f"regexp_matches(judgment, {lit(contra_re)})" if contra_re else "false"
     markers = [m.strip(WS) for m in pol.failed_markers if m.strip(WS)]
     longest = max((len(m) for m in markers), default=0) + 64
@@ -115,20 +120,20 @@ def validation_sql(source: dsl.Source) -> str:
 
     return f"""
 WITH parsed AS (
-    SELECT row_number, text,
-           CASE WHEN text IS NULL THEN 'invalid_utf8'
+    SELECT row_number, text, pre_detail, pre_raw,
+           CASE WHEN pre_reason IS NOT NULL THEN pre_reason
+                WHEN text IS NULL THEN 'invalid_utf8'
                 WHEN NOT json_valid(text) THEN
-                     CASE WHEN text = chr(0) || 'malformed_csv' THEN 'malformed_csv'
-                          WHEN {blank.format('text')} THEN 'blank' ELSE 'malformed_json' END
+                     CASE WHEN {blank.format('text')} THEN 'blank' ELSE 'malformed_json' END
            END AS early
     FROM _ingest_chunk
 ), extracted AS (
-    SELECT row_number, text, early,
+    SELECT row_number, text, pre_detail, pre_raw, early,
            CASE WHEN early IS NULL THEN json_type(text, {type_paths}) END AS ty,
            CASE WHEN early IS NULL THEN json_extract_string(text, {paths}) END AS v
     FROM parsed
 ), fields AS (
-    SELECT row_number, text, early, ty[1] AS top, {', '.join(picked)}, {score} AS score
+    SELECT row_number, text, pre_detail, pre_raw, early, ty[1] AS top, {', '.join(picked)}, {score} AS score
     FROM extracted
 ), labelled AS (
     SELECT *,
@@ -165,7 +170,7 @@ WITH parsed AS (
     FROM checked
 )
 SELECT row_number, reason,
-       CASE reason
+       CASE WHEN pre_detail IS NOT NULL AND reason = early THEN pre_detail ELSE CASE reason
             WHEN 'not_an_object' THEN 'the record is ' || {_json_kind('top')} || ', not an object'
             WHEN 'wrong_type' THEN concat_ws('; ', {', '.join(wrong)})
             WHEN 'missing_instruction' THEN CASE WHEN instruction_t IS NULL THEN 'no field ' || instruction_k
@@ -175,8 +180,9 @@ SELECT row_number, reason,
             WHEN 'failed_judgment' THEN 'field ' || judgment_k || ' is the failed-judge marker '
                  || trim(judgment, {lit(WS)})
             WHEN 'contradiction' THEN 'negative judgment that says the response is perfect: ' || left(judgment, 80)
-       END AS detail,
-       CASE WHEN reason IS NOT NULL AND reason NOT IN ('invalid_utf8', 'blank') THEN rtrim(text, chr(13) || chr(10)) END AS raw,
+       END END AS detail,
+       CASE WHEN reason = 'blank' THEN NULL WHEN pre_raw IS NOT NULL THEN pre_raw
+            ELSE rtrim(text, chr(13) || chr(10)) END AS raw,
        CASE WHEN reason IS NULL THEN instruction_full END AS instruction,
        CASE WHEN reason IS NULL THEN response_v END AS response,
        CASE WHEN reason IS NULL THEN judgment END AS judgment,
@@ -184,64 +190,6 @@ SELECT row_number, reason,
        CASE WHEN reason IS NULL THEN refined_v END AS refined,
        CASE WHEN reason IS NULL THEN score END AS score,
        CASE WHEN reason IS NULL THEN contradiction END AS contradiction,
-       CASE WHEN reason IS NULL THEN concat(chr(1), instruction_full, chr(31), chr(1), response_v, chr(31),
-            CASE WHEN judgment IS NULL THEN chr(0) ELSE chr(1) || judgment END, chr(31)) END AS payload
+       CASE WHEN reason IS NULL THEN {content_key_sql("instruction_full", "response_v", "judgment")} END AS id
 FROM final
 """
-
-
-# ---------------------------------------------------------------- one flush: dedupe, insert
-
-# The rows validated since the last flush are the Arrow table `_ingest_checked` (the validation
-# output with `id` in place of `payload`); `_ingest_notes(row_number, raw, detail)` holds the rows
-# Python explained, `_ingest_dups` the result of DUPS_SQL plus the duplicates' `raw` text.
-#
-# Duplicates of a good row: a triplet already in the warehouse (an earlier file, batch or flush
-# of this file, all visible inside this transaction), else an earlier good row of this flush.
-# triplets.id has no index (maintaining one on random 64-character keys cost as much as the
-# compressed insert itself), so both lookups are hash joins; one writer per warehouse file
-# (warehouse.connect) means nothing can slip in between the lookup and the insert.
-DUPS_SQL = """
-WITH good AS (SELECT row_number, id FROM _ingest_checked WHERE reason IS NULL),
-stored AS (
-    -- without a unique constraint another writer may have stored an id twice: name the first
-    SELECT t.id, min({'source': t.source, 'row_number': t.row_number}) AS first
-    FROM triplets t SEMI JOIN good g ON t.id = g.id
-    GROUP BY t.id
-),
-repeats AS (SELECT id, min(row_number) AS first_row FROM good GROUP BY id HAVING count(*) > 1)
-SELECT * FROM (
-    SELECT g.row_number, g.id, s.first.source AS first_source, s.first.row_number AS first_row
-    FROM good g JOIN stored s ON g.id = s.id
-    UNION ALL
-    SELECT g.row_number, g.id, $source, r.first_row
-    FROM good g JOIN repeats r ON g.id = r.id
-    WHERE g.row_number <> r.first_row AND g.id NOT IN (SELECT id FROM stored)
-) ORDER BY row_number
-"""
-
-COUNT_SQL = """
-SELECT CASE WHEN d.row_number IS NOT NULL THEN 'duplicate' ELSE c.reason END AS reason,
-       c.polarity, c.contradiction, count(*) AS n
-FROM _ingest_checked c LEFT JOIN _ingest_dups d ON c.row_number = d.row_number
-GROUP BY ALL
-"""
-
-INSERT_SQL = ("""
-INSERT INTO triplets (id, instruction, response, judgment, polarity, refined, score, contradiction, batch, source,
-                      row_number)
-SELECT id, instruction, response, judgment, polarity, refined, score, contradiction, $batch, $source, row_number
-FROM _ingest_checked c ANTI JOIN _ingest_dups d USING (row_number)
-WHERE c.reason IS NULL
-""", """
-INSERT INTO rejects (source, row_number, raw, reason, detail, batch)
-SELECT $source, row_number, raw, reason, detail, $batch FROM (
-    SELECT c.row_number, COALESCE(n.raw, c.raw) AS raw, c.reason, COALESCE(n.detail, c.detail) AS detail
-    FROM _ingest_checked c LEFT JOIN _ingest_notes n USING (row_number)
-    WHERE c.reason IS NOT NULL AND c.reason <> 'blank'
-    UNION ALL
-    SELECT row_number, raw, 'duplicate',
-           'same triplet (id ' || left(id, 12) || ') as ' || first_source || ' row ' || first_row
-    FROM _ingest_dups
-) ORDER BY row_number
-""")

@@ -38,9 +38,10 @@ from cut_core.warehouse import content_key
 
 log = logging.getLogger(__name__)
 
-POSITIVE = "positive"
-NEGATIVE = "negative"
-DEFAULT_POSITIVE_PREFIXES = ("Perfect",)
+# The one polarity rule, shared with ingest (cut_core/polarity.py): a quoted '"Perfect."' is
+# positive from a judge and from a file alike.
+from cut_core.polarity import DEFAULT_POSITIVE_PREFIXES, NEGATIVE, POSITIVE, polarity_of  # noqa: E402,F401
+
 # A judge that answers with one of these (whole text, whitespace aside) reports its own failure:
 # the paper's data stored failed GPT-4 calls as `$ERROR$` (dsl.Polarity.failed_markers at ingest).
 DEFAULT_FAILED_MARKERS = ("$ERROR$",)
@@ -50,9 +51,6 @@ DEFAULT_FAILED_MARKERS = ("$ERROR$",)
 # out truncation. All of them are failed calls.
 NORMAL_FINISH = "stop"
 REDACTED = "[redacted]"
-# Stripped from the front of a judgment before the prefix test: LLM judges often quote or
-# embolden their one-word verdict ("'Perfect.'", "**Perfect**").
-_LEADING_NOISE = " \t\r\n\"'`*_“”‘’«»"
 
 
 # ---------------------------------------------------------------- the protocol
@@ -70,18 +68,6 @@ class Judge(Protocol):
     name: str                 # identity used as the cache key in the warehouse
 
     def judge_batch(self, items: list[tuple[str, str]]) -> list[JudgeResult]: ...
-
-
-def polarity_of(judgment: str | None, positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES) -> str:
-    """'positive' when the judgment starts with a positive prefix (case-insensitive), else 'negative'.
-
-    A missing or empty judgment is positive: a function judge says "nothing wrong" by returning
-    None. LLM judges never get here with an empty text; that is a failed call (see `_ok_text`).
-    """
-    text = (judgment or "").lstrip(_LEADING_NOISE).casefold()
-    if not text:
-        return POSITIVE
-    return POSITIVE if any(text.startswith(p.casefold()) for p in positive_prefixes) else NEGATIVE
 
 
 def _ok(judgment: str | None, prefixes: Sequence[str], attempts: int = 1,
@@ -136,6 +122,19 @@ def public_url(url: str) -> str:
     except ValueError:
         return "<invalid url>"
     return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+
+
+def score_refusal(judged: int, failed: int, *, max_failed_rate: float, min_judged: int) -> str | None:
+    """Why a score over `judged` successful judge calls (with `failed` failed ones) must not be
+    given, or None when it may. A rate over the few calls that worked can swing on one answer:
+    with 499 of 500 calls failed, one positive would read as 100%."""
+    total = judged + failed
+    if total and failed / total > max_failed_rate:
+        return (f"{failed} of {total} judge calls failed ({failed / total:.0%} > max_failed_rate "
+                f"{max_failed_rate:.0%})")
+    if judged < min_judged:
+        return f"only {judged} of {total} judge calls succeeded (min_judged is {min_judged})"
+    return None
 
 
 def _fill(template: str, instruction: str, response: str) -> str:

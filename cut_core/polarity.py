@@ -1,0 +1,50 @@
+"""The one polarity rule: how a judgment text becomes 'positive' or 'negative'.
+
+Ingest (cut_core.ingest, in SQL) and every judge (cut_core.judges, in Python) decide polarity
+with this rule, so the same text never gets two answers:
+
+- no judgment (None) or a blank one: positive (a function judge says "nothing wrong" with None;
+  the paper's data stores GPT-4's "perfect" as null);
+- otherwise: strip leading whitespace and quoting/emphasis marks (LLM judges write '"Perfect."'
+  or '**Perfect**'), lower-case, and a text that starts with one of the positive prefixes
+  (lower-cased) is positive; any other text is negative.
+
+`polarity_of` is the rule in Python, `positive_sql` the same rule as a DuckDB expression;
+tests/test_polarity.py checks that they agree on the same texts through a real connection.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+POSITIVE = "positive"
+NEGATIVE = "negative"
+DEFAULT_POSITIVE_PREFIXES = ("Perfect",)
+# Stripped from the front of a judgment before the prefix test.
+LEADING_NOISE = " \t\r\n\"'`*_“”‘’«»"
+
+
+def _sql_lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def is_blank(judgment: str | None) -> bool:
+    return judgment is None or not judgment.strip()
+
+
+def polarity_of(judgment: str | None, positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES) -> str:
+    """'positive' or 'negative' for a judgment text, by the rule in the module docstring."""
+    if is_blank(judgment):
+        return POSITIVE
+    text = judgment.lstrip(LEADING_NOISE).lower()
+    return POSITIVE if any(text.startswith(p.lower()) for p in positive_prefixes if p) else NEGATIVE
+
+
+def positive_sql(judgment: str, positive_prefixes: Sequence[str]) -> str:
+    """DuckDB boolean: the non-blank judgment expression `judgment` starts with a positive prefix
+    after the leading noise (the caller handles NULL and blank judgments, which are positive)."""
+    prefixes = [p.lower() for p in positive_prefixes if p]
+    if not prefixes:
+        return "false"
+    stripped = f"lower(ltrim({judgment}, {_sql_lit(LEADING_NOISE)}))"
+    return "(" + " OR ".join(f"starts_with({stripped}, {_sql_lit(p)})" for p in prefixes) + ")"
