@@ -344,6 +344,7 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cut_core.files import publish_dir
     from cut_core.tiny import make_tiny_model
 
     cfg = dict(WARM_START)
@@ -370,7 +371,7 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
     shutil.rmtree(tmp, ignore_errors=True)
     make_tiny_model(tmp, tokenizer_corpus(seed), seed=seed, **settings["model"])
     tokenizer = AutoTokenizer.from_pretrained(tmp)
-    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
     model.train()
     splits = split_problems(split_seed)
     rng = random.Random(seed)
@@ -412,7 +413,5 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / MARKER).write_text(json.dumps({"settings": settings, "heldout": acc}, indent=1))
-    if out.exists():                       # an older build with other settings (checked above)
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish_dir(tmp, out)  # replaces an older build with other settings (checked above) in one rename
     return out

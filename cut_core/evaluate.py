@@ -5,6 +5,9 @@ the pipeline's judge about each, and reports:
 
   positive_rate       positive judgments / OK judgments (for a verifier judge: accuracy).
                       Failed judge calls are left out of the denominator and counted apart.
+                      None (no score) when more than `max_failed_rate` of the judge calls
+                      failed or fewer than `min_judged` succeeded: `refused` then says why.
+  judged              OK judgments: the denominator of positive_rate
   failed_judgments    judge calls that failed (never counted as negatives)
   heldout_nll         mean per-token NLL of the `reference` column given the plain prompt
                       (response tokens + EOS, as training scores them); None without references
@@ -25,71 +28,49 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from cut_core import templates
-from cut_core.generate import bos_to_add, encode_prompts, generate
-from cut_core.judges import NEGATIVE, POSITIVE, Judge
-from cut_core.loss import cut_token_loss, gold_logprobs
+from cut_core import sequences, templates
+from cut_core.generate import generate
+from cut_core.judges import NEGATIVE, POSITIVE, Judge, score_refusal, scrub_result
+from cut_core.loss import cut_token_loss
 
 
 # ---------------------------------------------------------------- scoring a response under a prompt
 
 def _response_ids(tokenizer: Any, responses: Sequence[str]) -> list[list[int]]:
-    """Response text -> ids + EOS, as contrast.py builds targets (the EOS takes part in the loss)."""
-    if not responses:
-        return []
-    ids = tokenizer(list(responses), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return [x + [tokenizer.eos_token_id] for x in ids]
+    """Response text -> ids + EOS, as training builds targets (the EOS takes part in the loss)."""
+    return sequences.response_ids(tokenizer, responses)
 
 
-def _fit(prompt: list[int], response: list[int], max_length: int | None, bos: int | None) -> list[int]:
-    """Cut the prompt from the left (keeping BOS) when prompt + response exceed max_length."""
-    if max_length is None or len(prompt) + len(response) <= max_length:
-        return prompt
-    room = max(1, max_length - len(response))
-    if bos is not None and prompt[:1] == [bos] and room > 1:
-        return [bos] + prompt[len(prompt) - (room - 1):]
-    return prompt[len(prompt) - room:]
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.inference_mode()
-def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[list[int]], *,
-                      batch_size: int, max_length: int | None = None) -> list[torch.Tensor]:
+def scored_logprobs(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], responses: Sequence[list[int]], *,
+                    batch_size: int, max_length: int | None = None,
+                    reserve_prompt_lengths: Sequence[int] | None = None) -> list[torch.Tensor]:
     """log p(y_t | y<t, prompt) for every response token (fp32, on CPU), one tensor per pair.
 
-    Batches are right-padded (the default positions are then correct) and only the response
-    positions' logits are turned into log-probabilities.
+    Each (prompt ids, response ids) pair is fitted into max_length as training fits it
+    (sequences.fit: the prompt cut from the left, BOS kept; an over-long response cut at its end,
+    by the room `reserve_prompt_lengths` leaves, default each prompt's own length), then scored
+    by `sequences.response_logprobs` (only the response positions' log-probs, no full logits).
     """
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    bos = bos_to_add(tokenizer)
-    seqs = []
-    for p, r in zip(prompt_ids, responses):
-        if max_length is not None and len(r) >= max_length:
-            r = r[:max_length - 1]  # a response longer than the window: score what fits
-        seqs.append((_fit(p, r, max_length, bos), r))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[torch.Tensor | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        rows, cols, labels, spans = [], [], [], []
-        for row, i in enumerate(batch):
-            p, r = seqs[i]
-            input_ids[row, :len(p) + len(r)] = torch.tensor(p + r)
-            attention[row, :len(p) + len(r)] = 1
-            # logits at position t predict token t+1: the response starts at len(p)
-            rows += [row] * len(r)
-            cols += range(len(p) - 1, len(p) - 1 + len(r))
-            labels += r
-            spans.append(len(r))
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
-        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)]
-        logp = gold_logprobs(picked, torch.tensor(labels, device=logits.device)).cpu()
-        for i, chunk in zip(batch, torch.split(logp, spans)):
-            out[i] = chunk
-    return out  # type: ignore[return-value]
+    bos = sequences.bos_to_add(tokenizer)
+    pairs = []
+    for k, (p, r) in enumerate(zip(prompt_ids, responses)):
+        f = sequences.fit(list(p), list(r), max_length, bos,
+                          reserve_prompt_length=reserve_prompt_lengths[k] if reserve_prompt_lengths else None)
+        pairs.append((f.prompt, f.response))
+    out = sequences.response_logprobs(model, pairs, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    return [t.float().cpu() for t in out]
+
+
+def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[list[int]], *,
+                      batch_size: int, max_length: int | None = None) -> list[torch.Tensor]:
+    """`scored_logprobs` of rendered prompt texts (encoded by sequences.prompt_ids)."""
+    return scored_logprobs(model, tokenizer, sequences.prompt_ids(tokenizer, prompts), responses,
+                           batch_size=batch_size, max_length=max_length)
 
 
 def token_flags(model: Any, tokenizer: Any, items: Sequence[tuple[str, str, str]], *, threshold: float,
@@ -102,12 +83,15 @@ def token_flags(model: Any, tokenizer: Any, items: Sequence[tuple[str, str, str]
     if not items:
         return []
     ids = _response_ids(tokenizer, [r for _, r, _ in items])
-    judged = response_logprobs(
-        model, tokenizer, [templates.render("judge", template, x, judgment=j, tokenizer=tokenizer) for x, _, j in items],
-        ids, batch_size=batch_size, max_length=max_length)
-    plain = response_logprobs(
-        model, tokenizer, [templates.render("plain", template, x, tokenizer=tokenizer) for x, _, _ in items],
-        ids, batch_size=batch_size, max_length=max_length)
+    judged_prompts = sequences.prompt_ids(tokenizer, [templates.render("judge", template, x, judgment=j, tokenizer=tokenizer)
+                                                      for x, _, j in items])
+    plain_prompts = sequences.plain_prompt_ids(tokenizer, [x for x, _, _ in items], template)
+    # Both contexts cut the response alike (by the longer prompt's room), as contrast.py does.
+    reserve = [max(len(a), len(b)) for a, b in zip(judged_prompts, plain_prompts)]
+    judged = scored_logprobs(model, tokenizer, judged_prompts, ids, batch_size=batch_size, max_length=max_length,
+                             reserve_prompt_lengths=reserve)
+    plain = scored_logprobs(model, tokenizer, plain_prompts, ids, batch_size=batch_size, max_length=max_length,
+                            reserve_prompt_lengths=reserve)
     width = max(len(t) for t in judged)
     lj = torch.zeros(len(items), width)
     lp = torch.zeros(len(items), width)
@@ -135,10 +119,25 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 # ---------------------------------------------------------------- the evaluation
 
+class EvaluationRefused(RuntimeError):
+    """An evaluation whose judge calls failed too often to give a score: no score, no promotion.
+    `metrics` holds the counts (judged, failed_judgments) for the record."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = dict(metrics or {})
+
+    def __reduce__(self):  # survives pickling (Prefect may persist a task's exception)
+        return type(self), (str(self), self.metrics)
+
+
 def evaluate(model: Any, tokenizer: Any, heldout_rows: Sequence[Mapping[str, Any]], judge: Judge, *,
              max_new_tokens: int, batch_size: int, samples: int, threshold: float,
-             template: str = "alpaca", max_length: int | None = None) -> dict:
-    """Generate, judge and score the held-out rows; returns {'metrics', 'samples', 'flag_samples'}.
+             template: str = "alpaca", max_length: int | None = None,
+             max_failed_rate: float = 0.05, min_judged: int = 10) -> dict:
+    """Generate, judge and score the held-out rows; returns {'metrics', 'samples', 'flag_samples',
+    'refused'}: `refused` is None, or why the model gets no score (too many failed judge calls,
+    see `judges.score_refusal`), in which case metrics['positive_rate'] is None.
 
     heldout_rows: mappings with 'instruction' (optional 'input', appended after a newline, and
     'reference', a reference response for heldout_nll). Every value in 'metrics' is a number or
@@ -152,12 +151,17 @@ def evaluate(model: Any, tokenizer: Any, heldout_rows: Sequence[Mapping[str, Any
         responses = generate(model, tokenizer, instructions, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, template=template)
         results = judge.judge_batch(list(zip(instructions, responses))) if rows else []
+        # The samples are stored: no text in them may hold the judge's key, whatever it echoed.
+        results = [scrub_result(r, getattr(judge, "secrets", ())) for r in results]
 
         ok = [r for r in results if r.status == "ok"]
         positives = sum(r.polarity == POSITIVE for r in ok)
+        refused = score_refusal(len(ok), len(results) - len(ok), max_failed_rate=max_failed_rate,
+                                min_judged=min_judged)
         metrics: dict[str, float | int | None] = {
             "n": len(rows),
-            "positive_rate": positives / len(ok) if ok else None,
+            "positive_rate": positives / len(ok) if ok and refused is None else None,
+            "judged": len(ok),
             "positives": positives,
             "negatives": len(ok) - positives,
             "failed_judgments": len(results) - len(ok),
@@ -167,8 +171,8 @@ def evaluate(model: Any, tokenizer: Any, heldout_rows: Sequence[Mapping[str, Any
         refs = [(x, r["reference"]) for x, r in zip(instructions, rows) if r.get("reference")]
         metrics["heldout_nll"] = None
         if refs:
-            logps = response_logprobs(
-                model, tokenizer, [templates.render("plain", template, x, tokenizer=tokenizer) for x, _ in refs],
+            logps = scored_logprobs(
+                model, tokenizer, sequences.plain_prompt_ids(tokenizer, [x for x, _ in refs], template),
                 _response_ids(tokenizer, [y for _, y in refs]), batch_size=batch_size, max_length=max_length)
             metrics["heldout_nll"] = -float(sum(t.sum() for t in logps)) / sum(len(t) for t in logps)
 
@@ -197,4 +201,4 @@ def evaluate(model: Any, tokenizer: Any, heldout_rows: Sequence[Mapping[str, Any
                   for text, tid, flag, a, b in zip(token_texts(tokenizer, f["ids"]), f["ids"], f["flagged"],
                                                    f["logp_judged"], f["logp_plain"])]
         flag_samples.append({**sample, "threshold": threshold, "tokens": tokens})
-    return {"metrics": metrics, "samples": table, "flag_samples": flag_samples}
+    return {"metrics": metrics, "samples": table, "flag_samples": flag_samples, "refused": refused}

@@ -110,12 +110,18 @@ def make_tiny_model(
     chat_template: optional Jinja chat template stored with the tokenizer (none by default, as
         with a plain local tokenizer).
     The folder loads offline with AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir).
+    It is built aside and renamed into place whole (cut_core.files.build_dir): `out_dir` never
+    holds a config.json without its weights. An existing model folder there is replaced; an
+    existing non-empty folder that is not a model is refused (FileExistsError).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    from cut_core.files import build_dir
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
+        raise FileExistsError(f"{out_dir} holds files that are not a model: choose an empty or new folder")
     tokenizer = train_tokenizer(DEFAULT_CORPUS if texts is None else texts,
                                 vocab_size=vocab_size, extra_tokens=extra_tokens)
     if chat_template is not None:
@@ -141,6 +147,7 @@ def make_tiny_model(
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with build_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir

@@ -33,6 +33,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+from cut_core.files import write_text_atomic
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +157,8 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     _write_history(history_path, history)
     written = save_final(trainer.model, tokenizer, output_dir)
     summary = {"steps": trainer.state.global_step, "resumed_from": str(resume) if resume else None,
-               "records": len(trainer.train_dataset), **written}
-    marker.write_text(json.dumps(summary))
+               "records": len(trainer.train_dataset), "processes": world, **written}
+    write_text_atomic(marker, json.dumps(summary))  # whole or absent: a cut write is not 'finished'
     return {"output_dir": str(output_dir), "skipped": False, **summary}
 
 

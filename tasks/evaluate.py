@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from cut_core.dsl import Pipeline
-from cut_core.evaluate import evaluate
+from cut_core.evaluate import EvaluationRefused, evaluate
 from cut_core.generate import load_model
 from cut_core.report import flag_report_html
 from tasks.generate import read_prompts
@@ -29,7 +29,13 @@ def samples_markdown(samples: list[dict], limit: int = 10) -> str:
 
 @task(name="evaluate")
 def evaluate_model(pipeline_json: str, model_path: str, out_dir: str, label: str) -> dict:
-    """Score `model_path` on the held-out prompts; write metrics.json, samples.json, flags.html."""
+    """Score `model_path` on the held-out prompts; write metrics.json, samples.json, flags.html.
+
+    Raises EvaluationRefused (after writing the files, so the failed calls can be read) when more
+    than evaluation.max_failed_rate of the judge calls failed or fewer than evaluation.min_judged
+    succeeded: such a model gets no score and cannot be promoted, and the stage stays unfinished,
+    so a rerun evaluates again.
+    """
     logger = get_run_logger()
     pipeline = Pipeline.from_json(pipeline_json)
     spec = pipeline.evaluation
@@ -39,13 +45,20 @@ def evaluate_model(pipeline_json: str, model_path: str, out_dir: str, label: str
     result = evaluate(model, tokenizer, rows, judge, max_new_tokens=spec.max_new_tokens,
                       batch_size=pipeline.online.generation_batch_size, samples=spec.samples,
                       threshold=pipeline.objective.threshold, template=pipeline.model.template,
-                      max_length=pipeline.model.max_length)
+                      max_length=pipeline.model.max_length, max_failed_rate=spec.max_failed_rate,
+                      min_judged=spec.min_judged)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
     (out / "samples.json").write_text(json.dumps(result["samples"], indent=2, default=str))
     (out / "flags.html").write_text(flag_report_html(result.get("flag_samples", [])))
     metrics = result["metrics"]
+    if result["refused"]:
+        (out / "REFUSED").write_text(result["refused"] + "\n")
+        raise EvaluationRefused(
+            f"evaluation of {label} refused: {result['refused']}. No score and no promotion. Samples "
+            f"with their judge errors are in {out / 'samples.json'}; fix the judge (or raise evaluation.max_failed_rate "
+            "/ lower evaluation.min_judged) and rerun: finished stages are kept", metrics)
     logger.info(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     create_markdown_artifact(
         key=f"evaluation-{label}".lower().replace("_", "-"),

@@ -150,10 +150,11 @@ def test_evaluate_metrics_flags_and_report(tiny):
     rows = [{"instruction": x} for x in INSTRUCTIONS] + [{"instruction": "crash now"}]
     rows[0]["reference"] = "12 + 7 = 19."
     judge = FunctionJudge(_judge_fn)
-    out = evaluate(model, tokenizer, rows, judge, max_new_tokens=12, batch_size=4, samples=4, threshold=1.0)
+    out = evaluate(model, tokenizer, rows, judge, max_new_tokens=12, batch_size=4, samples=4, threshold=1.0,
+                   max_failed_rate=0.2, min_judged=5)
     m = out["metrics"]
 
-    assert m["n"] == 6 and m["failed_judgments"] == 1
+    assert m["n"] == 6 and m["failed_judgments"] == 1 and m["judged"] == 5 and out["refused"] is None
     assert (m["positives"], m["negatives"]) == (2, 3)
     assert m["positive_rate"] == pytest.approx(2 / 5)  # the failed call is not a negative
 
@@ -195,7 +196,7 @@ def test_infinite_threshold_flags_nothing(tiny):
     model, tokenizer = tiny
     rows = [{"instruction": x} for x in INSTRUCTIONS[1:4]]
     out = evaluate(model, tokenizer, rows, FunctionJudge(lambda i, r: "Wrong."), max_new_tokens=8,
-                   batch_size=2, samples=3, threshold=math.inf)
+                   batch_size=2, samples=3, threshold=math.inf, min_judged=3)
     assert out["metrics"]["flagged_token_rate"] == 0.0 and out["metrics"]["positive_rate"] == 0.0
     assert out["metrics"]["heldout_nll"] is None  # no references given
     assert not any(t["flagged"] for s in out["flag_samples"] for t in s["tokens"])
