@@ -259,7 +259,18 @@ def add_judged(con: duckdb.DuckDBPyConnection, judged, *, source: str, batch: st
     """Judged generations -> triplets through add_checked (the same ids and duplicate rule as
     file ingest). `judged`: a frame with prompt_index, instruction, response, judgment,
     polarity (both NULL where the judge failed: the triplet is stored unlabeled).
-    Returns the number of triplets added."""
+    Returns the number of triplets added; commits in its own transaction."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        added = _add_judged(con, judged, source=source, batch=batch)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return added
+
+
+def _add_judged(con: duckdb.DuckDBPyConnection, judged, *, source: str, batch: str) -> int:
     with _registered(con, "_wh_judged", judged):
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _wh_checked AS

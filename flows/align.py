@@ -11,7 +11,8 @@ crashed run restarts from its last finished stage and a finished pipeline rerun 
 
 from __future__ import annotations
 
-import glob
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cut_core import warehouse as wh
 from cut_core.dsl import Pipeline, import_callable
+from cut_core.evaluate import EvaluationRefused
+from cut_core.files import run_lock
 from tasks import tracking
 from tasks.evaluate import evaluate_model
 from tasks.generate import generate_responses, sample_prompts
@@ -39,6 +42,33 @@ def run_root(pipeline: Pipeline, pipeline_json: str, round_label: str | None = N
     return Path(pipeline.workdir) / "runs" / key
 
 
+def one_run_at_a_time(flow_body):
+    """Hold the run folder's lock (cut_core.files.run_lock) for the whole flow run: a second run of
+    the same declaration, or of the same scheduled round, is refused ("already running") while
+    this one runs; a lock left by a dead process on this host is taken over."""
+    signature = inspect.signature(flow_body)
+
+    @functools.wraps(flow_body)
+    def locked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        pipeline_json = bound.arguments["pipeline_json"]
+        pipeline = Pipeline.from_json(pipeline_json)
+        root = run_root(pipeline, pipeline_json, scheduled_round() if bound.arguments.get("recurring") else None)
+        with run_lock(root, f"pipeline {pipeline.name} (run {root.name})") as held:
+            if held["taken_over"]:
+                get_run_logger().warning(f"took over the stale lock of {root}: {held['taken_over']}")
+            return flow_body(*args, **kwargs)
+
+    return locked
+
+
+def refused_evaluation(run_id: str, prefix: str, err: EvaluationRefused) -> None:
+    """Record a refused evaluation in MLflow (its counts, why) before the flow stops on it."""
+    tracking.log_metrics(run_id, {f"{prefix}.{k}": v for k, v in err.metrics.items()})
+    tracking.use_store().set_tag(run_id, f"cut_align.{prefix}_refused", str(err)[:5000])
+
+
 def warehouse_path(pipeline: Pipeline) -> str:
     return str(Path(pipeline.workdir) / "warehouse.duckdb")
 
@@ -49,6 +79,52 @@ def prepare_model(pipeline: Pipeline) -> str:
     if pipeline.model.build and not (path / "config.json").exists():
         import_callable(pipeline.model.build)(path)
     return str(path)
+
+
+def registered_name(pipeline: Pipeline) -> str:
+    return pipeline.registered_model or pipeline.name
+
+
+def registry_cache(pipeline: Pipeline) -> Path:
+    """Where registered versions fetched from the MLflow store are kept on this machine."""
+    return Path(pipeline.workdir) / "registry"
+
+
+def registered_start(pipeline: Pipeline, version: int, logger, what: str) -> tuple[str, dict]:
+    """(folder, record) of a registered version some work starts from, fetched and verified."""
+    resolved = tracking.resolve_model(registered_name(pipeline), version=version,
+                                      cache_dir=registry_cache(pipeline))
+    if resolved.skipped:
+        logger.warning(f"{resolved.uri}: {resolved.skipped}; using the verified {resolved.source} copy")
+    logger.info(f"{what} starts from {resolved.describe()}")
+    return resolved.path, resolved.record()
+
+
+def round_start(pipeline: Pipeline, root: Path, recurring: bool, logger) -> tuple[str, dict]:
+    """(folder, record) of the model a run's first iteration starts from.
+
+    A recurring round starts from the registered model's `champion`, a plain run (and a round
+    when there is no champion yet) from the declared base. The choice is stored as a stage, so
+    a resumed round starts from the same version even if the champion has moved since.
+    """
+    name = registered_name(pipeline)
+
+    def choose(_: Path) -> dict:
+        version = tracking.champion_version(name) if recurring else None
+        if version is not None:
+            return {"version": version, "via": f"models:/{name}@{tracking.CHAMPION}"}
+        return {"base": pipeline.model.path}
+
+    start = run_stage(root / "start", choose, log=logger.info)
+    if "version" in start:
+        return registered_start(pipeline, start["version"], logger, f"{pipeline.name}: round {root.name} "
+                                f"(from {start['via']})")
+    path = prepare_model(pipeline)
+    if recurring:
+        logger.warning(f"no champion for {name} yet: starting from the declared base {path}")
+    else:
+        logger.info(f"{pipeline.name}: run {root.name} starts from the declared base {path}")
+    return path, {"base": path}
 
 
 def mlflow_runs(root: Path, pipeline: Pipeline) -> str:
@@ -88,7 +164,7 @@ def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
 
 def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, model_path: str, run_id: str,
                             best_so_far: float | None, *, batch: str | None = None,
-                            sources: list[str] | None = None) -> dict:
+                            sources: list[str] | None = None, digests: list[str] | None = None) -> dict:
     """materialize -> train -> evaluate -> register, each a stage that stores its result."""
     pipeline = Pipeline.from_json(pipeline_json)
     it = root / f"iter-{iteration}"
@@ -96,7 +172,7 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
     examples = run_stage(it / "materialize", lambda d: materialize_examples(
         warehouse_path(pipeline), batch, model_path, pipeline.objective.model_dump_json(),
         template=pipeline.model.template, max_length=pipeline.model.max_length, workdir=pipeline.workdir,
-        seed=pipeline.training.seed, sources=sources))
+        seed=pipeline.training.seed, sources=sources, digests=digests))
     tracking.log_metrics(run_id, {f"data.{k}": v for k, v in examples.get("stats", {}).items()
                                   if isinstance(v, (int, float))})
 
@@ -113,8 +189,13 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
 
     result = {"iteration": iteration, "model": trained["merged"], "metrics": {}}
     if pipeline.evaluation.heldout and pipeline.judge is not None:
-        evaluated = run_stage(it / "evaluate", lambda d: evaluate_model(
-            pipeline_json, trained["merged"], str(d), f"iteration-{iteration}"))
+        try:
+            evaluated = run_stage(it / "evaluate", lambda d: evaluate_model(
+                pipeline_json, trained["merged"], str(d), f"iteration-{iteration}"))
+        except EvaluationRefused as err:  # no score, so no registration: a rerun evaluates again
+            refused_evaluation(run_id, "eval", err)
+            tracking.end_run(run_id, status="FAILED")
+            raise
         result["metrics"] = evaluated["metrics"]
         tracking.log_metrics(run_id, {f"eval.{k}": v for k, v in evaluated["metrics"].items()})
         tracking.log_artifacts(run_id, evaluated["dir"], "evaluation")
@@ -124,8 +205,10 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
         metric = pipeline.evaluation.champion_metric
         return tracking.register_version(
             pipeline.registered_model or pipeline.name, run_id, "model", metric=metric,
-            value=result["metrics"].get(metric), floor=best_so_far,
-            tags={"iteration": str(iteration), "run_key": root.name, "local_model": trained["merged"]})
+            value=result["metrics"].get(metric), floor=best_so_far, model_dir=trained["merged"],
+            judged=result["metrics"].get("judged"), failed=result["metrics"].get("failed_judgments"),
+            max_failed_rate=pipeline.evaluation.max_failed_rate, min_judged=pipeline.evaluation.min_judged,
+            tags={"iteration": str(iteration), "run_key": root.name})
 
     result["registered"] = run_stage(it / "register", register)
     tracking.end_run(run_id)
@@ -151,7 +234,8 @@ def online_iteration(pipeline_json: str, pipeline_name: str, run_dir: str, itera
         str(d / "prompts.parquet")))
     generated = run_stage(it / "generate", lambda d: generate_responses(
         model_path, sampled["path"], warehouse_path(pipeline), root.name, iteration, online.max_new_tokens,
-        online.generation_batch_size, online.greedy, str(d / "generations.parquet"), pipeline.model.template))
+        online.generation_batch_size, online.greedy, str(d / "generations.parquet"), pipeline.model.template,
+        pipeline_name=pipeline.name))
 
     batch = f"{root.name}/iter-{iteration}"
     judged = run_stage(it / "judge", lambda d: judge_pairs(
@@ -174,15 +258,22 @@ def evaluate_base(pipeline_json: str, root: Path, model_path: str, parent: str) 
     pipeline = Pipeline.from_json(pipeline_json)
     if not (pipeline.evaluation.heldout and pipeline.judge is not None):
         return {}
-    base = run_stage(root / "iter-0" / "evaluate", lambda d: evaluate_model(pipeline_json, model_path, str(d), "base"))
+    try:
+        base = run_stage(root / "iter-0" / "evaluate",
+                         lambda d: evaluate_model(pipeline_json, model_path, str(d), "base"))
+    except EvaluationRefused as err:
+        refused_evaluation(parent, "base", err)
+        raise
     tracking.log_metrics(parent, {f"base.{k}": v for k, v in base["metrics"].items()})
     return base["metrics"]
 
 
-def summarize(pipeline: Pipeline, root: Path, base: dict, iterations: list[dict], parent: str) -> dict:
+def summarize(pipeline: Pipeline, root: Path, base: dict, iterations: list[dict], parent: str,
+              start_model: dict) -> dict:
     metric = pipeline.evaluation.champion_metric
-    summary = {"pipeline": pipeline.name, "run_key": root.name, "metric": metric,
+    summary = {"pipeline": pipeline.name, "run_key": root.name, "metric": metric, "start_model": start_model,
                "base": base, "iterations": [{"iteration": r["iteration"], "model": r["model"],
+                                              "start_model": r.get("start_model"),
                                               "version": r["registered"]["version"],
                                               "champion": r["registered"]["champion"],
                                               "metrics": r["metrics"]} for r in iterations]}
@@ -203,11 +294,14 @@ def best(base: dict, results: list[dict], metric: str) -> float | None:
 
 
 @flow(name="online-align", flow_run_name="{pipeline_name}")
+@one_run_at_a_time
 def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring: bool = False) -> dict:
-    """K online iterations; each iteration's merged model generates and trains the next.
+    """K online iterations; each iteration's registered version generates and trains the next.
 
     recurring=True (scheduled deployments): every scheduled run is a new round that starts
     from the registered model's current champion and takes instructions no round used before.
+    Every model started from after the declared base is resolved through the MLflow registry
+    (tracking.resolve_model): fetched when this machine lacks it, verified against its digest.
     """
     logger = get_run_logger()
     pipeline = Pipeline.from_json(pipeline_json)
@@ -218,23 +312,27 @@ def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring:
         logger.info(f"{pipeline.name}: run {root.name} already finished; nothing to do")
         return {**done, "skipped": True}
     parent = mlflow_runs(root, pipeline)
-    model_path = (recurring and tracking.champion_model_path(pipeline.registered_model or pipeline.name)) \
-        or prepare_model(pipeline)
-    logger.info(f"{pipeline.name}: run {root.name} starts from {model_path}")
+    model_path, start_model = round_start(pipeline, root, recurring, logger)
     base = evaluate_base(pipeline_json, root, model_path, parent)
     results: list[dict] = []
+    iteration_start = start_model
     for k in range(1, pipeline.online.iterations + 1):
         result = online_iteration(pipeline_json, pipeline.name, str(root), k, model_path, parent,
                                   best(base, results, pipeline.evaluation.champion_metric))
-        results.append(result)
-        model_path = result["model"]
+        results.append({**result, "start_model": iteration_start})
         create_markdown_artifact(
             key=f"{pipeline.name}-iteration-{k}-summary".lower().replace("_", "-").replace(".", "-"),
-            markdown=f"### Iteration {k}\n\nmodel: `{model_path}`\n\n" + json.dumps(result["metrics"], indent=2))
-    return summarize(pipeline, root, base, results, parent)
+            markdown=f"### Iteration {k}\n\nmodel: `{result['model']}` "
+                     f"(models:/{registered_name(pipeline)}/{result['registered']['version']})\n\n"
+                     + json.dumps(result["metrics"], indent=2))
+        if k < pipeline.online.iterations:  # the next iteration starts from this one's registered version
+            model_path, iteration_start = registered_start(
+                pipeline, result["registered"]["version"], logger, f"{pipeline.name}: iteration {k + 1}")
+    return summarize(pipeline, root, base, results, parent, start_model)
 
 
 @flow(name="offline-align", flow_run_name="{pipeline_name}")
+@one_run_at_a_time
 def offline_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
     """Ingest the declared sources, label what is unlabeled, then one training iteration."""
     logger = get_run_logger()
@@ -247,21 +345,24 @@ def offline_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
     parent = mlflow_runs(root, pipeline)
     warehouse = warehouse_path(pipeline)
 
-    files: list[str] = []
+    # The files the ingest step reports (read now or already ingested, under any name), by content
+    # digest: training and labeling read their triplets, never a second glob of the paths.
+    digests: list[str] = []
     for i, source in enumerate(pipeline.sources):
-        report = ingest_source(source.model_dump_json(), warehouse, pipeline.ingestion.max_reject_rate, root.name)
+        report = ingest_source(source.model_dump_json(), warehouse, pipeline.ingestion.max_reject_rate, root.name,
+                               max_record_bytes=pipeline.ingestion.max_record_bytes)
         tracking.log_metrics(parent, {f"ingest.{i}.{k}": v for k, v in report.items() if isinstance(v, (int, float))})
-        files += sorted({f for pattern in source.paths for f in glob.glob(pattern)})
+        digests += [f["digest"] for f in report["files"]]
     if pipeline.judge is not None:
-        labeled = label_unlabeled(pipeline_json, warehouse, files)
+        labeled = label_unlabeled(pipeline_json, warehouse, digests=digests)
         tracking.log_metrics(parent, {f"label.{k}": v for k, v in labeled.items() if isinstance(v, (int, float))})
 
-    model_path = prepare_model(pipeline)
+    model_path, start_model = round_start(pipeline, root, False, logger)
     base = evaluate_base(pipeline_json, root, model_path, parent)
     run_id = iteration_run(root, pipeline, parent, 1)
     result = train_evaluate_register(pipeline_json, root, 1, model_path, run_id,
-                                     best(base, [], pipeline.evaluation.champion_metric), sources=files)
-    return summarize(pipeline, root, base, [result], parent)
+                                     best(base, [], pipeline.evaluation.champion_metric), digests=digests)
+    return summarize(pipeline, root, base, [{**result, "start_model": start_model}], parent, start_model)
 
 
 def run_pipeline(pipeline: Pipeline) -> dict:

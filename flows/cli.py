@@ -124,15 +124,37 @@ def cmd_run(args) -> int:
 
 
 def cmd_ingest(args) -> int:
+    # The inputs are checked before Prefect is even imported (its temporary server starts with
+    # the first flow run): a missing file or an unknown format is one line, no traceback.
+    from pydantic import ValidationError
+
+    from cut_core.dsl import Source
+    from cut_core.ingest import IngestError, RejectRateExceeded, check_sources
+    from cut_core.warehouse import WarehouseBusy
+    try:
+        check_sources([Source(paths=list(args.paths), columns=parse_map(args.map), delimiter=args.delimiter)])
+    except IngestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValidationError as err:
+        print(f"error: {err.errors()[0]['msg']} ({', '.join(map(str, err.errors()[0]['loc']))})", file=sys.stderr)
+        return 2
+    if Path(args.warehouse).is_dir():
+        print(f"error: --warehouse {args.warehouse} is a folder; name a DuckDB file such as "
+              f"{Path(args.warehouse) / 'warehouse.duckdb'}", file=sys.stderr)
+        return 2
     from flows.ingest import run_ingest
-    from cut_core.ingest import RejectRateExceeded
     try:
         report = run_ingest(args.paths, args.warehouse, parse_map(args.map), args.max_reject_rate,
-                            use_prefect=not args.no_prefect)
+                            use_prefect=not args.no_prefect, max_record_bytes=args.max_record_bytes,
+                            delimiter=args.delimiter)
         status = 0
     except RejectRateExceeded as err:
         report, status = err.report, 2
         print(f"error: {err}", file=sys.stderr)
+    except (IngestError, WarehouseBusy) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"rows read {report['rows_read']}, accepted {report['accepted']} "
           f"({report['positives']} positive, {report['negatives']} negative, {report.get('unlabeled', 0)} unlabeled), "
           f"rejected {report['rejected']} {report['rejected_by_reason']}")
@@ -181,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-reject-rate", type=float, default=0.10, help="fail above this rejected fraction")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     p.add_argument("--no-prefect", action="store_true", help="run the library directly, without a Prefect flow run")
+    p.add_argument("--max-record-bytes", type=int, default=None,
+                   help="reject records longer than this many bytes as oversized (default 8 MiB)")
+    p.add_argument("--delimiter", default=None, help="CSV delimiter (default: tab for .tsv, else a comma)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("make-tiny-model", help="build a tiny Llama and tokenizer locally")

@@ -24,13 +24,14 @@ import sys
 from prefect import flow, get_run_logger
 
 from cut_core import warehouse as wh
-from cut_core.dsl import Source
-from cut_core.ingest import IngestReport, check_reject_rate, default_batch, ingest_sources
+from cut_core.dsl import DEFAULT_MAX_RECORD_BYTES, Source
+from cut_core.ingest import IngestReport, check_reject_rate, check_sources, default_batch, ingest_sources
 from tasks.ingest import ingest_source, publish_ingest_report
 
 
 @flow(name="ingest", log_prints=False)
-def ingest_flow(sources: list[dict], warehouse: str, max_reject_rate: float = 0.10, batch: str | None = None) -> dict:
+def ingest_flow(sources: list[dict], warehouse: str, max_reject_rate: float = 0.10, batch: str | None = None,
+                max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict:
     """Ingest the files of every source into `warehouse` under one batch name and one gate.
 
     sources: DSL `Source` declarations as dicts (`Source.model_dump(mode="json")`): paths or
@@ -39,6 +40,7 @@ def ingest_flow(sources: list[dict], warehouse: str, max_reject_rate: float = 0.
     max_reject_rate: fraction 0..1; above it the flow raises `cut_core.ingest.RejectRateExceeded`
         (its `.report` is the dict below) after publishing the counts.
     batch: the name written on every row of this run (default: "ingest-<UTC timestamp>").
+    max_record_bytes: records longer than this are rejected as oversized.
     Returns the report dict: batch, rows_read, accepted, rejected, rejected_by_reason,
     positives, negatives, unlabeled, contradictions, blank_lines, skipped_files, files.
     """
@@ -46,7 +48,7 @@ def ingest_flow(sources: list[dict], warehouse: str, max_reject_rate: float = 0.
     batch = batch or default_batch()
 
     # ---- ingest: one task per source; gate once over all of them, below
-    reports = [ingest_source(source, warehouse, None, batch) for source in sources]
+    reports = [ingest_source(source, warehouse, None, batch, max_record_bytes) for source in sources]
     report = IngestReport.combine([IngestReport.from_dict(r) for r in reports], batch)
     result = report.to_dict()
 
@@ -63,7 +65,8 @@ def ingest_flow(sources: list[dict], warehouse: str, max_reject_rate: float = 0.
 
 
 def run_ingest(paths: list[str], warehouse: str, column_map: dict[str, str] | None = None,
-               max_reject_rate: float = 0.10, use_prefect: bool = True) -> dict:
+               max_reject_rate: float = 0.10, use_prefect: bool = True, max_record_bytes: int | None = None,
+               delimiter: str | None = None) -> dict:
     """Ingest files or globs with one column mapping: what `cut-align ingest` calls.
 
     column_map: canonical name -> the file's column, e.g. {"instruction": "question",
@@ -75,12 +78,15 @@ def run_ingest(paths: list[str], warehouse: str, column_map: dict[str, str] | No
     when a path matches no file or a file cannot be read, and `WarehouseBusy` when another
     process keeps the warehouse open for writing.
     """
-    source = Source(paths=list(paths), columns=dict(column_map or {}))
+    source = Source(paths=list(paths), columns=dict(column_map or {}), delimiter=delimiter)
+    max_record_bytes = max_record_bytes or DEFAULT_MAX_RECORD_BYTES
+    check_sources([source])      # a missing file fails here, before any flow run or server starts
     if use_prefect:
-        return ingest_flow([source.model_dump(mode="json")], warehouse, max_reject_rate)
+        return ingest_flow([source.model_dump(mode="json")], warehouse, max_reject_rate,
+                           max_record_bytes=max_record_bytes)
     con = wh.connect(warehouse)
     try:
-        report = ingest_sources(con, [source])
+        report = ingest_sources(con, [source], max_record_bytes=max_record_bytes)
     finally:
         con.close()
     check_reject_rate(report, max_reject_rate)

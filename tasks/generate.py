@@ -44,16 +44,16 @@ def sample_prompts(prompts_path: str, warehouse: str, pipeline_name: str, n: int
     """Take the next `n` instructions this pipeline has never generated for, in file order.
 
     "Never" spans every run of the pipeline, scheduled rounds included: the warehouse's
-    `generations` table remembers what each run already used.
+    `generations` table remembers what each run already used, under the pipeline's exact name
+    (pipeline `name-v2` or `name_x` never shares what `name` used).
     """
     frame = read_prompts(prompts_path).with_row_index("prompt_index")
     con = wh.connect(warehouse)
     try:
-        used = con.sql("SELECT DISTINCT instruction FROM generations WHERE run LIKE ?",
-                       params=[f"{pipeline_name}-%"]).pl()
+        used = wh.used_instructions(con, pipeline_name)
     finally:
         con.close()
-    fresh = frame.filter(~pl.col("instruction").is_in(used["instruction"].implode())).head(n)
+    fresh = frame.filter(~pl.col("instruction").is_in(pl.Series(used, dtype=pl.String).implode())).head(n)
     if fresh.height < n:
         raise ValueError(
             f"{prompts_path} has {fresh.height} instructions that {pipeline_name} never used; this iteration "
@@ -65,7 +65,9 @@ def sample_prompts(prompts_path: str, warehouse: str, pipeline_name: str, n: int
 @task(name="generate")
 def generate_responses(model_path: str, sampled_path: str, warehouse: str, run: str, iteration: int,
                        max_new_tokens: int, batch_size: int, greedy: bool, out_file: str,
-                       template: str = "alpaca") -> dict:
+                       template: str = "alpaca", pipeline_name: str | None = None) -> dict:
+    """Generate this iteration's responses and record them under `run` and `pipeline_name`
+    (sample_prompts matches the pipeline's name exactly)."""
     logger = get_run_logger()
     prompts = pl.read_parquet(sampled_path)
     model, tokenizer = load_model(model_path)
@@ -75,9 +77,8 @@ def generate_responses(model_path: str, sampled_path: str, warehouse: str, run: 
     frame.write_parquet(out_file)
     con = wh.connect(warehouse)
     try:
-        con.execute("DELETE FROM generations WHERE run = ? AND iteration = ?", [run, iteration])
-        con.execute("INSERT INTO generations (run, iteration, prompt_index, instruction, response, model_digest) "
-                    "SELECT ?, ?, prompt_index, instruction, response, ? FROM frame", [run, iteration, model_path])
+        wh.replace_generations(con, frame.to_arrow(), run=run, iteration=iteration, model=model_path,
+                               pipeline=pipeline_name)
     finally:
         con.close()
     logger.info(f"generated {frame.height} responses with {model_path}")

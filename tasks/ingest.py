@@ -16,7 +16,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from cut_core import warehouse as wh
-from cut_core.dsl import Source
+from cut_core.dsl import DEFAULT_MAX_RECORD_BYTES, Source
 from cut_core.ingest import REASONS, IngestReport, check_reject_rate, ingest_sources
 from tasks.logs import task_logger
 
@@ -38,20 +38,21 @@ def _retry_when_busy(task, task_run, state) -> bool:
 @task(name="ingest-source", task_run_name="ingest-{batch}", retries=2, retry_delay_seconds=10,
       retry_condition_fn=_retry_when_busy)
 def ingest_source(source: str | dict, warehouse: str, max_reject_rate: float | None = None,
-                  batch: str | None = None) -> dict:
+                  batch: str | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict:
     """Ingest every file of one source into the warehouse at `warehouse` (created if missing).
 
     source: a DSL `Source` as JSON text or dict (`Source.model_dump_json()`).
     max_reject_rate: raise `RejectRateExceeded` (after committing) above this rejected
         fraction; None leaves the gate to the caller (ingest_flow gates all sources together).
     batch: the batch name written on every row (default: a timestamp).
+    max_record_bytes: records longer than this are rejected as oversized (Ingestion.max_record_bytes).
     Returns `IngestReport.to_dict()`: rows_read, accepted, rejected, rejected_by_reason,
     positives, negatives, unlabeled, contradictions, blank_lines, skipped_files, files.
     """
     src = Source.model_validate_json(source) if isinstance(source, str) else Source.model_validate(source)
     con = wh.connect(warehouse)
     try:
-        report = ingest_sources(con, [src], batch=batch)
+        report = ingest_sources(con, [src], batch=batch, max_record_bytes=max_record_bytes)
     finally:
         con.close()
     log = task_logger(__name__)

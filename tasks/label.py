@@ -19,7 +19,9 @@ from prefect import task
 from cut_core.dsl import Pipeline
 from cut_core.judges import (DEFAULT_POSITIVE_PREFIXES, Judge, apply_judgments, build_judge, label_pending,
                              unlabeled_triplets)
-from cut_core.warehouse import connect, content_key
+from cut_core import warehouse
+from cut_core.warehouse import connect
+from cut_core.warehouse import triplet_sources as warehouse_sources
 from tasks.logs import task_logger
 
 
@@ -55,16 +57,17 @@ def _check(counts: dict, judge: Judge, max_failed_rate: float) -> None:
     if counts["judged"] and counts["failed"] / counts["judged"] > max_failed_rate:
         raise TooManyFailedJudgments(
             f"{counts['failed']} of {counts['judged']} judge calls failed (> {max_failed_rate:.0%}). "
-            f"Failures are stored and retried on the next run; see why with: SELECT error, count(*) "
-            f"FROM judgments WHERE status = 'failed' AND judge = '{judge.name}' GROUP BY 1")
+            f"Failures are stored and retried on the next run; their errors are in the warehouse table "
+            f"judgments (status 'failed', judge '{judge.name}')")
 
 
 # Retries are cheap here: judgments already stored are cached, so a retry only re-sends what is
 # still missing (earlier failures included). They cover a briefly busy warehouse or endpoint.
 @task(name="label-unlabeled", retries=2, retry_delay_seconds=30)
 def label_unlabeled(pipeline_json: str, warehouse: str, files: list[str] | None = None, *,
-                    max_failed_rate: float = 0.5) -> dict:
-    """Judge the unlabeled triplets (of `files` when given, else all) and label them.
+                    digests: list[str] | None = None, max_failed_rate: float = 0.5) -> dict:
+    """Judge the unlabeled triplets (of the source paths `files`, or of the files with these
+    ingest `digests`, when given; else all) and label them.
 
     Returns the counts of `label_pending` plus `labeled` (triplets that received a judgment).
     A failed judgment is stored as such and leaves its triplet unlabeled: it is not trained on,
@@ -73,6 +76,8 @@ def label_unlabeled(pipeline_json: str, warehouse: str, files: list[str] | None 
     judge = pipeline_judge(Pipeline.from_json(pipeline_json))
     con = connect(warehouse)
     try:
+        if digests is not None:
+            files = (files or []) + warehouse_sources(con, digests)
         pending = unlabeled_triplets(con, sources=files)
         counts = label_pending(con, judge, pending)
         counts["labeled"] = apply_judgments(con, judge.name)
@@ -97,34 +102,21 @@ def judge_pairs(pipeline_json: str, warehouse: str, generations: str, batch: str
     con = connect(warehouse)
     try:
         counts = label_pending(con, judge, frame.select("instruction", "response").rows())
-        con.register("_generated", frame.to_arrow())
-        # A relation (con.sql), not execute(): DuckDB 2 leaves an executed connection busy.
-        judged = con.sql("""
-            SELECT g.prompt_index, g.instruction, g.response, j.judgment, j.polarity, j.status, j.error
-            FROM _generated g LEFT JOIN judgments j
-              ON j.judge = ? AND j.instruction = g.instruction AND j.response = g.response
-            ORDER BY g.prompt_index""", params=[judge.name]).pl()
-        con.unregister("_generated")
+        judged = warehouse.judgments_of(con, judge.name, frame.to_arrow())
         ok = (judged["status"] == "ok").fill_null(False)
         rows = judged.with_columns(
             judgment=pl.when(ok).then(pl.col("judgment")),
             polarity=pl.when(ok).then(pl.col("polarity")),
         )
-        # The triplet id is the content hash ingest uses: (instruction, response, judgment).
-        rows = rows.with_columns(id=pl.Series([content_key(i, r, j) for i, r, j in
-                                               rows.select("instruction", "response", "judgment").rows()]))
-        con.register("_judged", rows.to_arrow())
-        inserted = con.execute("""
-            INSERT INTO triplets (id, instruction, response, judgment, polarity, batch, source, row_number)
-            SELECT id, instruction, response, judgment, polarity, ?, ?, prompt_index
-            FROM _judged WHERE id NOT IN (SELECT id FROM triplets)""", [batch, generations]).fetchall()
-        con.unregister("_judged")
+        # The one insert path for triplets (the same ids and duplicate rule as file ingest).
+        added = warehouse.add_judged(con, rows.select("prompt_index", "instruction", "response", "judgment",
+                                                     "polarity").to_arrow(), source=generations, batch=batch)
     finally:
         con.close()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     judged.write_parquet(out / "judgments.parquet")
-    counts.update(triplets_added=int(inserted[0][0]) if inserted else 0,
+    counts.update(triplets_added=added,
                   labeled=int(ok.sum()), unlabeled=int((~ok).sum()),
                   path=str(out / "judgments.parquet"))
     _check(counts, judge, max_failed_rate)

@@ -21,14 +21,6 @@ from cut_core.contrast import RefineFn
 from cut_core.dsl import DPO_OBJECTIVES, Objective, import_callable
 from tasks.logs import task_logger
 
-TRIPLETS_SQL = """
-SELECT id, instruction, response, judgment, polarity, refined, score
-FROM triplets
-WHERE polarity IS NOT NULL {filters}
-ORDER BY id
-"""
-
-
 def refiner_for(objective: Objective, model_path: str, template: str) -> tuple[RefineFn | None, str | None]:
     """(refine_fn, its digest name) for objective.refiner; (None, None) where no refiner applies."""
     if objective.name not in ("ilf_mle", "ilf_dpo") or objective.refiner is None:
@@ -52,11 +44,14 @@ def materialize_examples(
     workdir: str = "work",
     seed: int = 42,
     sources: list[str] | None = None,
+    digests: list[str] | None = None,
 ) -> dict:
     """Materialize the examples of `batch` (None: every batch) for the model at `model_path`.
 
-    sources: optionally keep only triplets ingested from these files (offline pipelines train
-        on their declared sources, whichever batch first ingested them).
+    digests: optionally keep only triplets ingested from the files with these ingest digests
+        (offline pipelines train on the files their ingest step reports, whichever batch or path
+        first ingested them).
+    sources: optionally keep only triplets ingested from these paths.
     objective_json: the DSL `Objective` as JSON (`pipeline.objective.model_dump_json()`).
     ILF objectives refine the negatives that lack a refined text with objective.refiner: 'model'
     (the model at `model_path`) or a 'module:function'; the refiner's name enters the digest.
@@ -68,18 +63,13 @@ def materialize_examples(
     objective = Objective.model_validate_json(objective_json)
     con = wh.connect(warehouse, read_only=True)
     try:
-        filters, params = "", []
-        if batch is not None:
-            filters, params = filters + " AND batch = ?", params + [batch]
-        if sources is not None:
-            filters, params = filters + " AND list_contains(?, source)", params + [sources]
-        # A relation (not execute().fetch*) so the connection is not left busy (STACK.md).
-        triplets = con.sql(TRIPLETS_SQL.format(filters=filters), params=params or None).pl()
+        triplets = wh.labeled_triplets(con, batch=batch, digests=digests, sources=sources)
     finally:
         con.close()
     if triplets.height == 0:
         raise ValueError(f"no labeled triplets in {warehouse}" + (f" for batch {batch!r}" if batch else "")
                          + (f" from {sources}" if sources else "")
+                         + (f" from the files with digests {digests}" if digests else "")
                          + "; ingest (and label) data first")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
