@@ -1,6 +1,10 @@
 """MLflow tracking: one SQLite store under mlruns/, one parent run per pipeline run, one
 nested run per iteration, one registered model whose versions carry aliases.
 
+Models are handed on through the registry: every version is tagged with the sha256 of its
+weights (cut_core.weights), and `resolve_model` turns a version or an alias into a verified
+local folder, downloading the version's artifacts when this machine lacks them.
+
 Why SQLite: MLflow 3 refuses the plain file store. Why an explicit artifact location: with
 SQLite, artifacts otherwise land relative to whatever the working directory was when the
 experiment was created.
@@ -9,6 +13,9 @@ experiment was created.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -16,7 +23,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
+from cut_core.judges import score_refusal  # noqa: E402
+
+from cut_core.weights import weights_digest  # noqa: E402
+
 CANDIDATE, CHAMPION = "candidate", "champion"
+DIGEST_TAG = "weights_sha256"   # cut_core.weights.weights_digest of the version's model folder
+LOCAL_TAG = "local_model"       # where the version's folder was written: a cache hint, verified before use
 
 
 def mlruns_dir() -> Path:
@@ -80,10 +93,19 @@ def log_artifact(run_id: str, local_file: str | Path, artifact_path: str | None 
     use_store().log_artifact(run_id, str(local_file), artifact_path)
 
 
-def register_version(model_name: str, run_id: str, artifact_path: str, *, metric: str,
+def register_version(model_name: str, run_id: str, artifact_path: str, *, model_dir: str | Path, metric: str,
                      value: float | None, floor: float | None = None,
-                     tags: dict[str, str] | None = None) -> dict:
+                     tags: dict[str, str] | None = None, judged: int | None = None, failed: int | None = None,
+                     max_failed_rate: float = 0.05, min_judged: int = 1) -> dict:
     """Register a new version, alias it `candidate`, and move `champion` only on improvement.
+
+    `judged`/`failed` (the evaluation's successful and failed judge calls), when given, gate the
+    promotion: more than `max_failed_rate` failed, or fewer than `min_judged` succeeded, and the
+    score is not trusted: `champion` stays where it is and the result's `refused` says why.
+
+    `model_dir` is the local folder whose files were logged at `artifact_path`: the version is
+    tagged with the digest of its weights (DIGEST_TAG, checked by `resolve_model` wherever the
+    version is used) and with the folder itself (LOCAL_TAG, a cache hint).
 
     Improvement means beating both the metric stored as a tag on the current champion version
     and `floor` (the best score this run has seen, the base model's included); higher is better
@@ -96,7 +118,13 @@ def register_version(model_name: str, run_id: str, artifact_path: str, *, metric
         client.create_registered_model(model_name)
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri}/{artifact_path}"
+    refused = (score_refusal(judged, failed or 0, max_failed_rate=max_failed_rate, min_judged=min_judged)
+               if judged is not None else None)
+    if refused is not None:
+        value = None  # an untrusted score is neither recorded nor compared
     version_tags = dict(tags or {})
+    version_tags[DIGEST_TAG] = weights_digest(model_dir)
+    version_tags[LOCAL_TAG] = str(Path(model_dir).resolve())
     if value is not None:
         version_tags[metric] = repr(float(value))
     version = client.create_model_version(model_name, source, run_id=run_id, tags=version_tags)
@@ -112,16 +140,135 @@ def register_version(model_name: str, run_id: str, artifact_path: str, *, metric
     improved = value is not None and all(value > b for b in bars)
     if improved:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
-    return {"model": model_name, "version": int(version.version), "champion": improved,
-            "previous_champion_metric": previous}
+    return {"model": model_name, "version": int(version.version), "champion": improved, "refused": refused,
+            "previous_champion_metric": previous, "digest": version_tags[DIGEST_TAG]}
 
 
-def champion_model_path(model_name: str) -> str | None:
-    """Local folder of the `champion` version's merged model, when there is one on this machine."""
+class RegistryError(RuntimeError):
+    """A registered model version that cannot be used: not registered, not fetchable, or not
+    the weights it was registered with. Its message is one line: the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A registered version, present on this machine and verified against its weights digest."""
+
+    path: str                   # local folder holding exactly the registered weights
+    name: str
+    version: int
+    digest: str                 # DIGEST_TAG of the version (sha256 hex)
+    source: str                 # "local" (the folder it was trained into), "cache" or "download"
+    skipped: str | None = None  # why a local folder was not used, when one was named and differed
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def describe(self) -> str:
+        return f"{self.uri} (sha256 {self.digest[:12]}…, {self.source} copy at {self.path})"
+
+    def record(self) -> dict:
+        return {"uri": self.uri, "name": self.name, "version": self.version, "digest": self.digest,
+                "source": self.source, "path": self.path}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _holds(folder: str | Path, digest: str) -> bool:
+    """Whether a folder exists and holds exactly the weights with this digest."""
+    try:
+        return weights_digest(folder) == digest
+    except FileNotFoundError:
+        return False
+
+
+def champion_version(model_name: str) -> int | None:
+    """The version the `champion` alias points at; None when the model or the alias does not exist."""
     client = use_store()
     try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return None
-    path = version.tags.get("local_model")
-    return path if path and Path(path, "config.json").exists() else None
+        registered = client.get_registered_model(model_name)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise RegistryError(f"cannot read registered model {model_name!r} at {tracking_uri()}: "
+                            f"{_first_line(err)}") from None
+    version = registered.aliases.get(CHAMPION)
+    return int(version) if version is not None else None
+
+
+def resolve_model(model_name: str, *, version: int | None = None, alias: str | None = None,
+                  cache_dir: str | Path) -> ResolvedModel:
+    """A local folder with one registered version's weights, verified against its digest tag.
+
+    Exactly one of `version` or `alias` (e.g. "champion"). The folder named by the version's
+    LOCAL_TAG is used when it holds the registered weights; otherwise a copy under
+    `cache_dir/<name>/v<version>-<digest>` fetched earlier, otherwise the version's artifacts are
+    downloaded (`models:/NAME/VERSION`) into a temporary folder beside it, verified, and renamed
+    into place. Anything else (no such version, no digest tag, a failed download, downloaded
+    weights that differ from the registered digest) raises RegistryError: never another model.
+    """
+    if (version is None) == (alias is None):
+        raise ValueError("resolve_model takes exactly one of version= or alias=")
+    client = use_store()
+    ref = f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{version}"
+    try:
+        found = (client.get_model_version_by_alias(model_name, alias) if alias
+                 else client.get_model_version(model_name, str(version)))
+    except mlflow.exceptions.MlflowException as err:
+        raise RegistryError(f"{ref} is not in the registry at {tracking_uri()} ({_first_line(err)}): "
+                            "check the registered model name and version") from None
+    number = int(found.version)
+    digest = found.tags.get(DIGEST_TAG)
+    if not digest:
+        raise RegistryError(f"{ref} (version {number}) has no {DIGEST_TAG} tag, so its weights cannot be "
+                            "verified: register a new version (cut-align tags every version it registers)")
+
+    def resolved(path: Path | str, source: str, skipped: str | None = None) -> ResolvedModel:
+        return ResolvedModel(str(path), model_name, number, digest, source, skipped)
+
+    local = found.tags.get(LOCAL_TAG)
+    skipped = None
+    if local:
+        if _holds(local, digest):
+            return resolved(local, "local")
+        skipped = (f"local folder {local} differs from the registered weights" if Path(local).exists()
+                   else f"local folder {local} is absent")
+
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    target = Path(cache_dir).resolve() / safe_name / f"v{number}-{digest[:16]}"
+    if _holds(target, digest):
+        return resolved(target, "cache", skipped)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    uri = f"models:/{model_name}/{number}"
+    try:
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri())
+        except Exception as err:  # noqa: BLE001 - any store failure is the same error for the user
+            raise RegistryError(f"cannot fetch {uri} from {found.source}: {_first_line(err)}") from None
+        if not any(tmp.iterdir()):  # mlflow returns an empty folder when the artifacts are gone
+            raise RegistryError(f"cannot fetch {uri}: the store holds no files at {found.source} "
+                                "(its artifacts were deleted); register a new version")
+        try:
+            got = weights_digest(tmp)
+        except FileNotFoundError:
+            raise RegistryError(f"{uri} at {found.source} is not a model folder (it needs config.json and "
+                                "*.safetensors weights); register a new version") from None
+        if got != digest:
+            raise RegistryError(f"{uri} fetched from {found.source} has weights sha256 {got[:12]}…, "
+                                f"not the registered {digest[:12]}…: the stored artifacts were altered "
+                                "after registration; register a new version")
+        if target.exists():  # a stale or altered copy: replaced by the verified one
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process put a copy there first
+            if not _holds(target, digest):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return resolved(target, "download", skipped)
