@@ -342,24 +342,29 @@ class OpenAIJudge:
         except httpx.TransportError as err:  # connection refused/reset, protocol errors
             raise _Retryable(f"connection error: {type(err).__name__}: {err}") from None
         if status == 429 or status >= 500:
-            raise _Retryable(f"HTTP {status}: {_snippet(body)}", _retry_after(headers.get("retry-after")))
+            raise _Retryable(f"HTTP {status}: {self._snippet(body)}", _retry_after(headers.get("retry-after")))
         if 300 <= status < 400:
             raise _Fatal(f"HTTP {status} redirect not followed (a key must not follow a redirect): "
                          "set base_url to the final address")
         if not 200 <= status < 300:
-            raise _Fatal(f"HTTP {status} (not retried): {_snippet(body)}")
+            raise _Fatal(f"HTTP {status} (not retried): {self._snippet(body)}")
         try:
             choice = json.loads(body)["choices"][0]
             message, finish = choice["message"], choice.get("finish_reason")
             text = message["content"]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
-            raise _Fatal(f"malformed response body ({type(err).__name__}): {_snippet(body)!r}") from None
+            raise _Fatal(f"malformed response body ({type(err).__name__}): {self._snippet(body)!r}") from None
         if finish != NORMAL_FINISH:
             raise _Fatal(f"reply did not finish normally (finish_reason={finish!r}, expected 'stop'): "
                          "not a whole judgment")
         if isinstance(message, dict) and message.get("refusal"):
             raise _Fatal("the judge refused to answer (message.refusal is set)")
         return text
+
+    def _snippet(self, body: bytes, limit: int = 200) -> str:
+        """The start of a reply body as text for an error message, scrubbed *before* it is cut
+        (a cut could leave part of an echoed key that a later scrub would not recognise)."""
+        return scrub(body.decode("utf-8", "replace"), self.secrets)[:limit]
 
     async def _read_capped(self, resp: httpx.Response) -> bytes:
         """The body, refused as soon as it grows past max_response_bytes (decoded size)."""
@@ -380,11 +385,6 @@ class OpenAIJudge:
         # Exponential backoff with "equal jitter": spreads out clients that failed together.
         ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
-
-
-def _snippet(body: bytes, limit: int = 200) -> str:
-    """The start of a reply body as text, for an error message (scrubbed by the caller)."""
-    return body[:limit * 4].decode("utf-8", "replace")[:limit]
 
 
 def _retry_after(value: str | None) -> float | None:
