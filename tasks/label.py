@@ -17,8 +17,8 @@ import polars as pl
 from prefect import task
 
 from cut_core.dsl import Pipeline
-from cut_core.judges import (DEFAULT_POSITIVE_PREFIXES, Judge, apply_judgments, build_judge, label_pending,
-                             unlabeled_triplets)
+from cut_core.judges import (DEFAULT_FAILED_MARKERS, DEFAULT_POSITIVE_PREFIXES, Judge, apply_judgments,
+                             build_judge, label_pending, unlabeled_triplets)
 from cut_core import warehouse
 from cut_core.warehouse import connect
 from cut_core.warehouse import triplet_sources as warehouse_sources
@@ -45,8 +45,11 @@ def pipeline_judge(pipeline: Pipeline) -> Judge:
     if pipeline.judge is None:
         raise ValueError(f"pipeline {pipeline.name} declares no judge")
     prefixes = [p for s in pipeline.sources if not s.labeled for p in s.polarity.positive_prefixes]
+    # Failure markers ($ERROR$) mark a failed call in the judge's output as they do at ingest.
+    markers = [m for s in pipeline.sources if not s.labeled for m in s.polarity.failed_markers]
     return build_judge(pipeline.judge, secret_resolver=resolve_secret,
-                       positive_prefixes=list(dict.fromkeys(prefixes)) or list(DEFAULT_POSITIVE_PREFIXES))
+                       positive_prefixes=list(dict.fromkeys(prefixes)) or list(DEFAULT_POSITIVE_PREFIXES),
+                       failed_markers=list(dict.fromkeys(markers)) or list(DEFAULT_FAILED_MARKERS))
 
 
 def _check(counts: dict, judge: Judge, max_failed_rate: float) -> None:
