@@ -10,6 +10,7 @@ What each objective writes (only labeled rows, polarity not null, are used):
     cut                 Align-P   plain(x)     + y   positives, at most align_p_ratio x #negatives
                         Align-N   judge(x, j-) + y   negatives
                         Misalign  plain(x)     + y   negatives; response ids identical to Align-N's
+    self_distill        the same rows as cut (Align-N is the teacher of its Misalign twin)
     sft                 mle       plain(x)     + y   positives only
     hindsight           mle       judge(x, j)  + y   every triplet; a positive without judgment text
                                                      gets "The response is perfect."
@@ -21,8 +22,9 @@ What each objective writes (only labeled rows, polarity not null, are used):
                                                      positive judgment asks for no change); a
                                                      negative without a refinement is skipped
 
-Sequences are built from ids, never from concatenated text: the prompt is encoded (with BOS when
-the tokenizer adds one), the target (response, judgment or refinement) is encoded *once* without
+Sequences are built from ids, never from concatenated text, by `sequences.py` (the module that
+generation and evaluation encode prompts with too): the prompt is encoded (with BOS when the
+tokenizer adds one), the target (response, judgment or refinement) is encoded *once* without
 special tokens, and its ids plus EOS are appended. Align-N and Misalign therefore carry the very
 same response ids, which the CUT loss pairs position by position.
 
@@ -51,13 +53,13 @@ from typing import Any, Callable, Sequence
 
 import polars as pl
 
-from cut_core import templates
+from cut_core import sequences, templates
 from cut_core.dsl import Objective
 
 # Bump when the way examples are built changes: old files must not be reused.
 FORMAT_VERSION = 1
-# When a target is too long, the prompt still keeps this share of max_length.
-PROMPT_RESERVE_FRACTION = 0.25
+# When a target is too long, the prompt still keeps this share of max_length (sequences.py owns it).
+PROMPT_RESERVE_FRACTION = sequences.PROMPT_RESERVE_FRACTION
 # The contract's columns and types; nothing else goes into the Parquet file.
 EXAMPLE_SCHEMA = {
     "triplet_id": pl.String,
@@ -215,7 +217,7 @@ def _plan(
 
     name = objective.name
     parts: list[pl.DataFrame] = []
-    if name == "cut":
+    if name in ("cut", "self_distill"):
         stats["negatives_without_judgment"] = neg.height - neg_text.height
         keep = pos.height
         if objective.align_p_ratio is not None:
@@ -300,72 +302,39 @@ def refined_negatives(neg: pl.DataFrame, objective: Objective, refine_fn: Refine
 
 # ---------------------------------------------------------------- tokenization
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """One batched call; the tokenizer raises on an empty batch, hence the guard."""
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-
-
-def _bos_to_add(tokenizer: Any) -> int | None:
-    """The BOS id when the tokenizer adds one to a plain encode (Llama does, GPT-2 does not)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    return bos if tokenizer("a")["input_ids"][:1] == [bos] else None
-
-
 def _prompt_text(row: dict, template: str, tokenizer: Any) -> str:
     return templates.render(row["prompt_kind"], template, row["instruction"], judgment=row["judgment"],
                             response=row["response"], tokenizer=tokenizer)
 
 
 def _tokenize(plan: pl.DataFrame, tokenizer: Any, template: str) -> pl.DataFrame:
-    """Add prompt_ids and target_ids; every distinct text is encoded once."""
+    """Add prompt_ids (sequences.prompt_ids: BOS rule) and target_ids (no special tokens); every
+    distinct text is encoded once."""
     prompts = [_prompt_text(r, template, tokenizer) for r in plan.iter_rows(named=True)]
     plan = plan.with_columns(pl.Series("prompt", prompts, dtype=pl.String))
-    bos = _bos_to_add(tokenizer)
-    bos_text = tokenizer.bos_token
 
-    def table(column: str, ids_name: str, with_bos: bool) -> pl.DataFrame:
+    def table(column: str, ids_name: str, encode: Callable[[Any, list[str]], list[list[int]]]) -> pl.DataFrame:
         texts = plan[column].unique(maintain_order=True).to_list()
-        ids = _encode(tokenizer, texts)
-        if with_bos and bos is not None:
-            # A chat template usually writes BOS as text already; never add a second one.
-            ids = [x if (bos_text and t.startswith(bos_text)) else [bos] + x for t, x in zip(texts, ids)]
-        return pl.DataFrame({column: texts, ids_name: ids},
+        return pl.DataFrame({column: texts, ids_name: encode(tokenizer, texts)},
                             schema={column: pl.String, ids_name: pl.List(pl.Int32)})
 
-    return (plan.join(table("prompt", "prompt_ids", True), on="prompt", how="left")
-                .join(table("target", "target_ids", False), on="target", how="left"))
+    return (plan.join(table("prompt", "prompt_ids", sequences.prompt_ids), on="prompt", how="left")
+                .join(table("target", "target_ids", sequences.encode_texts), on="target", how="left"))
 
 
 def _fit(plan: pl.DataFrame, max_length: int, eos: int, bos: int | None) -> pl.DataFrame:
-    """Build input_ids/response_start under max_length (see the module docstring)."""
-    reserve_cap = max(1, int(max_length * PROMPT_RESERVE_FRACTION))
-    prompt_len = pl.col("prompt_ids").list.len()
-    # The prompt room a target must leave is decided over the rows that share the target within a
-    # triplet (Align-N and Misalign), with the longest prompt, so both cut the target alike.
-    reserve = pl.min_horizontal(prompt_len.max().over("triplet_id", "target"), pl.lit(reserve_cap))
-    target_room = pl.lit(max_length) - reserve
-    with_eos = pl.concat_list(pl.col("target_ids"), pl.lit(eos, dtype=pl.Int32))
-    plan = plan.with_columns(
-        response_truncated=(pl.col("target_ids").list.len() + 1) > target_room,
-    ).with_columns(
-        response_ids=pl.when(pl.col("response_truncated"))
-        .then(pl.col("target_ids").list.head(target_room))
-        .otherwise(with_eos),
-    )
-    prompt_room = pl.lit(max_length) - pl.col("response_ids").list.len()
-    if bos is not None:  # keep BOS in front when the prompt's left end is cut away
-        cut = pl.concat_list(pl.lit(bos, dtype=pl.Int32), pl.col("prompt_ids").list.tail(prompt_room - 1))
-    else:
-        cut = pl.col("prompt_ids").list.tail(prompt_room)
-    plan = plan.with_columns(prompt_truncated=prompt_len > prompt_room).with_columns(
-        prompt_ids=pl.when(pl.col("prompt_truncated")).then(cut).otherwise(pl.col("prompt_ids")))
+    """Build input_ids/response_start under max_length with `sequences.fit` (module docstring).
+
+    The prompt room a target must leave is decided over the rows that share the target within a
+    triplet (Align-N and Misalign), by the longest prompt, so both cut the target alike."""
+    plan = plan.with_columns(reserve=pl.col("prompt_ids").list.len().max().over("triplet_id", "target"))
+    fitted = [sequences.fit(list(p), list(t) + [eos], max_length, bos, reserve_prompt_length=r)
+              for p, t, r in zip(plan["prompt_ids"].to_list(), plan["target_ids"].to_list(), plan["reserve"].to_list())]
     return plan.with_columns(
-        input_ids=pl.concat_list("prompt_ids", "response_ids"),
-        response_start=pl.col("prompt_ids").list.len().cast(pl.Int32),
+        pl.Series("input_ids", [f.input_ids for f in fitted], dtype=pl.List(pl.Int32)),
+        pl.Series("response_start", [f.response_start for f in fitted], dtype=pl.Int32),
+        pl.Series("prompt_truncated", [f.prompt_truncated for f in fitted], dtype=pl.Boolean),
+        pl.Series("response_truncated", [f.response_truncated for f in fitted], dtype=pl.Boolean),
     )
 
 
@@ -482,7 +451,7 @@ def materialize(
                              "labeled": frame.height}
     plan = _plan(frame, objective, seed, refine_fn, stats)
     plan = _tokenize(plan, tokenizer, template)
-    examples = _fit(plan, max_length, tokenizer.eos_token_id, _bos_to_add(tokenizer))
+    examples = _fit(plan, max_length, tokenizer.eos_token_id, sequences.bos_to_add(tokenizer))
     stats.update(_stats(examples))
     stats.update(digest=digest, settings=settings, tokenizer=str(getattr(tokenizer, "name_or_path", "")),
                  seconds=round(time.perf_counter() - started, 3))

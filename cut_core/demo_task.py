@@ -183,35 +183,27 @@ def tokenizer_corpus(seed: int = 0, n: int = 1500) -> list[str]:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """[BOS] + prompt ids, as contrast.py and generate.py encode prompts."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    """[BOS] + prompt ids: sequences.prompt_ids, as training, generation and evaluation encode prompts."""
+    from cut_core import sequences
+
+    return sequences.prompt_ids(tokenizer, [prompt])[0]
 
 
 def encode_response(tokenizer, response: str) -> list[int]:
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    from cut_core import sequences
+
+    return sequences.response_ids(tokenizer, [response])[0]
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """log p(response token | prefix) per record, as [R, N] with a mask (right padding)."""
-    import torch
+    """log p(response token | prefix) per record, as [R, N] with a mask (right padding): the
+    trainer's path (sequences.gold_response_logprobs: from hidden states, no full logits)."""
+    from cut_core import sequences
 
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        att[i, :len(s)] = 1
-    logits = model(input_ids=ids, attention_mask=att).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-    n = max(map(len, responses))
-    idx = torch.zeros((len(seqs), n), dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        idx[i, :len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
-        mask[i, :len(r)] = True
-    return logp.gather(1, idx), mask
+    batch = sequences.right_padded([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], pad_id)
+    flat = sequences.gold_response_logprobs(model, batch["input_ids"], batch["predict_mask"],
+                                            attention_mask=batch["attention_mask"])
+    return sequences.left_aligned(flat, batch["response_lengths"])
 
 
 def greedy_answers(model, tokenizer, instructions: list[str], *, max_new_tokens: int = 5,
@@ -326,7 +318,7 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
                      judge_fraction: float | None = None, judgment_loss_weight: float | None = None,
                      model_size: dict | None = None,
                      split_seed: int = SPLIT_SEED, eval_every: int = 0, threads: int | None = None,
-                     log=None):
+                     log=None, progress_every_s: float = 15.0):
     """Build the tiny model and warm-start it into the demo's base model; returns its folder.
 
     A plain torch loop (this is "making the base model", not alignment): AdamW, linear warm-up
@@ -334,11 +326,15 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
     warm-start split only (never a held-out or online problem). The folder holds the model and
     tokenizer (save_pretrained) and a marker, written last, with the settings and the base's
     held-out accuracy; a folder whose marker has the same settings is reused as is.
+    `log` (a callable taking one line) gets progress every `progress_every_s` (step / total,
+    loss, ETA) and the held-out accuracy at the end; flows call this through the prepare-model
+    task (tasks/prepare.py), which passes its Prefect logger.
     """
     import json
     import math
     import os
     import shutil
+    import time
     from pathlib import Path
 
     import torch
@@ -379,6 +375,7 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.0)
     total, warm = cfg["steps"], cfg["warmup_steps"]
     pad = tokenizer.pad_token_id
+    started = last_progress = time.monotonic()
     for step in range(1, total + 1):
         scale = min(1.0, step / max(1, warm)) * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
         for group in opt.param_groups:
@@ -403,6 +400,12 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        now = time.monotonic()
+        if now - last_progress >= progress_every_s and step < total:
+            last_progress = now
+            eta = (now - started) / step * (total - step)
+            log(f"warm start step {step}/{total} ({100 * step / total:.0f}%), loss {loss.item():.3f}, "
+                f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
         if eval_every and (step % eval_every == 0) and step < total:
             acc = accuracy(model, tokenizer, splits["heldout"])
             log(f"warm start step {step}/{total} loss {loss.item():.3f} "

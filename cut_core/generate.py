@@ -1,9 +1,10 @@
 """Batched generation with the plain template: how the model answers new instructions.
 
 Online iterations generate responses with the current model (greedy, the paper's setting) and
-evaluation generates on held-out prompts; both go through `generate`. Prompts are encoded the
-way `contrast.py` encodes training prompts (BOS + prompt ids, no second BOS when a chat template
-already wrote one), so the model sees at inference exactly the prefix it was trained on.
+evaluation generates on held-out prompts; both go through `generate`. Prompts are encoded by
+`sequences.py`, the one owner of token ids that `contrast.py` builds training prompts with (BOS +
+prompt ids, no second BOS when a chat template already wrote one), so the model sees at inference
+exactly the prefix it was trained on.
 
 Batches are left-padded: every prompt then ends at the same position, and the new tokens of the
 whole batch start at one column. Given the attention mask, `generate` derives position ids from
@@ -16,7 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from cut_core import templates
+# Prompts are encoded by the one owner of token sequences (bos_to_add, encode_prompts re-exported).
+from cut_core.sequences import bos_to_add, encode_prompts, plain_prompt_ids  # noqa: F401
 
 
 def load_model(path: str, device: str | torch.device | None = None) -> tuple[Any, Any]:
@@ -37,33 +39,6 @@ def load_model(path: str, device: str | torch.device | None = None) -> tuple[Any
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-# ---------------------------------------------------------------- encoding (shared with evaluate.py)
-
-def bos_to_add(tokenizer: Any) -> int | None:
-    """The BOS id when the tokenizer adds one to a plain encode (Llama does, GPT-2 does not)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    return bos if tokenizer("a")["input_ids"][:1] == [bos] else None
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, max_prompt_tokens: int | None = None) -> list[list[int]]:
-    """Prompt texts -> ids as training encodes them: [BOS] + ids, cut from the left when too long."""
-    if not prompts:  # the tokenizer raises on an empty batch
-        return []
-    ids = tokenizer(list(prompts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    bos, bos_text = bos_to_add(tokenizer), tokenizer.bos_token
-    if bos is not None:
-        ids = [x if (bos_text and p.startswith(bos_text)) else [bos] + x for p, x in zip(prompts, ids)]
-    if max_prompt_tokens is not None:
-        # Keep the end of the prompt (the instruction's tail and the response header) and BOS.
-        keep_bos = bos is not None
-        ids = [x if len(x) <= max_prompt_tokens
-               else ([x[0]] if keep_bos else []) + x[len(x) - max_prompt_tokens + keep_bos:]
-               for x in ids]
-    return ids
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -89,7 +64,16 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
     """Continue each prompt text; returns the new text only (up to the first EOS), stripped."""
     if not prompts:
         return []
-    ids = encode_prompts(tokenizer, prompts, max_prompt_tokens=max_prompt_tokens)
+    return generate_from_ids(model, tokenizer, encode_prompts(tokenizer, prompts, max_prompt_tokens=max_prompt_tokens),
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, greedy=greedy)
+
+
+@torch.inference_mode()
+def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, max_new_tokens: int,
+                      batch_size: int, greedy: bool = True) -> list[str]:
+    """Continue each prompt (token ids, as sequences.py encodes them); returns the new text only."""
+    if not ids:
+        return []
     eos_ids, pad_id = _eos_ids(model, tokenizer), _pad_id(model, tokenizer)
     device = model.device
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory batch
@@ -121,8 +105,9 @@ def generate(model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new
     """One response per instruction, in order, from the plain prompt of `template`.
 
     `instructions` already hold any `input` (see templates.format_instruction). Greedy by
-    default, as the paper generates its online data.
+    default, as the paper generates its online data. The prompt ids are
+    `sequences.plain_prompt_ids`: the very ids training puts before a Misalign / Align-P response.
     """
-    prompts = [templates.render("plain", template, i, tokenizer=tokenizer) for i in instructions]
-    return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          greedy=greedy, max_prompt_tokens=max_prompt_tokens)
+    ids = plain_prompt_ids(tokenizer, instructions, template, max_prompt_tokens=max_prompt_tokens)
+    return generate_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             greedy=greedy)

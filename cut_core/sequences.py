@@ -132,7 +132,7 @@ def fit(prompt: list[int], response: list[int], max_length: int | None, bos: int
     """prompt + response cut to max_length (module docstring). `reserve_prompt_length`: the
     prompt length the response's room is decided by (default this prompt's); pass the longest
     prompt of rows that share a response (Align-N and Misalign) so that they cut it alike."""
-    if max_length is None or len(prompt) + len(response) <= max_length:
+    if max_length is None:
         return Fitted(list(prompt), list(response), False, False)
     room = response_room(max_length, len(prompt) if reserve_prompt_length is None else reserve_prompt_length)
     response_truncated = len(response) > room
