@@ -49,6 +49,7 @@ The rules, in the order they are applied (the first that fails names the reason,
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
@@ -542,7 +543,7 @@ def _from_records(cur: duckdb.DuckDBPyConnection, sql: str, max_record_bytes: in
         SELECT row_number,
                CASE WHEN bad <> '' THEN 'wrong_type'
                     WHEN strlen(text) > {int(max_record_bytes)} THEN 'oversized' END AS pre_reason,
-               text
+               text, bad
         FROM ({sql})""")
     for batch in rel.to_arrow_reader(CHUNK_ROWS):
         table = pa.Table.from_batches([batch])
@@ -553,12 +554,13 @@ def _from_records(cur: duckdb.DuckDBPyConnection, sql: str, max_record_bytes: in
             continue
         pre = {}
         texts = table.column("text").to_pylist()
+        bad = table.column("bad").to_pylist()
         for i, reason in enumerate(reasons.to_pylist()):
             if reason == "oversized":
                 pre[i] = (reason, f"the record is {len(texts[i].encode())} bytes as JSON, above the maximum record "
                           f"size of {max_record_bytes} bytes (Ingestion.max_record_bytes)", texts[i][:RAW_KEEP])
             elif reason:
-                pre[i] = (reason, "a BINARY value that is not UTF-8 text", texts[i])
+                pre[i] = (reason, bad[i], texts[i])
         yield _chunk(table.column("row_number").to_numpy(), pa.array(texts, pa.large_string()), pre)
 
 
@@ -599,8 +601,21 @@ def _read_csv(cur: duckdb.DuckDBPyConnection, path: Path, source: dsl.Source,
         del text
     read = Path(tmp.name) if tmp else path
     delim = csv_delimiter(path, source)
-    opts = (f"header = true, all_varchar = true, delim = {_lit(delim)}, quote = '\"', escape = '\"', "
-            f"strict_mode = true, ignore_errors = true, max_line_size = {int(max_record_bytes) + 2}, "
+    # The header is read here (Python's csv module, the same dialect), so DuckDB's sniffer never
+    # runs: nothing about the dialect is guessed, and an oversized record cannot stop a sniff.
+    with open(read, encoding="utf-8-sig", errors="replace", newline="") as f:
+        header = next(csv.reader(f, delimiter=delim, quotechar='"', doublequote=True, strict=False), None)
+    if not header:
+        if tmp:
+            os.unlink(tmp.name)
+        raise IngestError(f"cannot read CSV file {path}: no header row (the first record names the columns)")
+    if len(set(header)) != len(header):
+        if tmp:
+            os.unlink(tmp.name)
+        raise IngestError(f"cannot read CSV file {path}: the header names a column twice ({header})")
+    columns = "{" + ", ".join(f"{_lit(c)}: 'VARCHAR'" for c in header) + "}"
+    opts = (f"header = true, auto_detect = false, columns = {columns}, delim = {_lit(delim)}, quote = '\"', "
+            f"escape = '\"', strict_mode = true, ignore_errors = true, max_line_size = {int(max_record_bytes) + 2}, "
             "store_rejects = true, rejects_table = '_ingest_csv_errors', rejects_scan = '_ingest_csv_scans'")
     scan = f"read_csv({_lit(literal_scan_path(read))}, {opts})"
     try:
