@@ -146,7 +146,7 @@ def test_unknown_and_unverifiable_versions_are_errors(tmp_path, store):
 def test_readme_one_liner_loads_a_registered_version(tmp_path, store):
     """The README's snippet for MLflow users: any version by alias or number, loadable as is."""
     import mlflow
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = make_tiny_model(tmp_path / "merged", seed=3)
     register(store, "readme-model", merged)
@@ -154,8 +154,8 @@ def test_readme_one_liner_loads_a_registered_version(tmp_path, store):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     for uri in ("models:/readme-model@champion", "models:/readme-model/1"):
         path = mlflow.artifacts.download_artifacts(uri)
-        model = AutoModelForCausalLM.from_pretrained(path)
-        assert model.config.model_type == "llama"
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        assert model.config.model_type == "llama" and len(tokenizer) == model.config.vocab_size
         assert weights_digest(path) == store.use_store().get_model_version("readme-model", "1").tags["weights_sha256"]
 
 
