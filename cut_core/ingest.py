@@ -318,16 +318,35 @@ CHUNK_SCHEMA = pa.schema([("row_number", pa.int64()), ("text", pa.large_string()
 RAW_KEEP = 10_000
 
 
-def _chunk(rows, text, pre: dict[int, tuple[str, str, str]] | None = None) -> pa.Table:
+def _null_at(text: pa.Array, positions: Iterable[int]) -> pa.Array:
+    """`text` (large_string) with NULL at these positions."""
+    positions = sorted(positions)
+    if not positions:
+        return text
+    if text.offset == 0 and text.null_count == 0:     # the zero-copy JSONL block: a validity bitmap
+        valid = np.ones(len(text), bool)
+        valid[positions] = False
+        _, offsets, data = text.buffers()[:3]
+        return pa.LargeStringArray.from_buffers(len(text), offsets, data,
+                                                pa.py_buffer(np.packbits(valid, bitorder="little")),
+                                                len(positions))
+    values = text.to_pylist()
+    for i in positions:
+        values[i] = None
+    return pa.array(values, pa.large_string())
+
+
+def _chunk(rows, text: pa.Array, pre: dict[int, tuple[str, str, str]] | None = None) -> pa.Table:
     """A chunk from row numbers and texts; `pre` maps positions to (reason, detail, raw) of
-    records the reader rejected (their text is set to NULL)."""
+    records the reader rejected (their text becomes NULL)."""
     n = len(rows)
+    if not pre:
+        return pa.table([pa.array(rows, pa.int64()), text, pa.nulls(n, pa.string()), pa.nulls(n, pa.large_string()),
+                         pa.nulls(n, pa.large_string())], schema=CHUNK_SCHEMA)
     reasons, details, raws = [None] * n, [None] * n, [None] * n
-    if pre:
-        text = pc.if_else(pa.array([i in pre for i in range(n)]), pa.scalar(None, pa.large_string()), text)
-        for i, (reason, detail, raw) in pre.items():
-            reasons[i], details[i], raws[i] = reason, detail, raw
-    return pa.table([pa.array(rows, pa.int64()), text, pa.array(reasons, pa.string()),
+    for i, (reason, detail, raw) in pre.items():
+        reasons[i], details[i], raws[i] = reason, detail, raw
+    return pa.table([pa.array(rows, pa.int64()), _null_at(text, pre), pa.array(reasons, pa.string()),
                      pa.array(details, pa.large_string()), pa.array(raws, pa.large_string())], schema=CHUNK_SCHEMA)
 
 
@@ -741,15 +760,16 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
             con.register("_ingest_chunk", chunk)
             try:
                 con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sql}")
+                _explain_json_errors(con)
+                seconds["check"] += time.perf_counter() - t
+                t = time.perf_counter()
+                # the chunk stays visible for the raw text of duplicates (good rows keep none)
+                for reason, polarity, contradiction, n in wh.add_checked(
+                        con, "_ingest_checked", source=str(path), batch=batch, digest=digest, lines="_ingest_chunk"):
+                    _count(report, reason, polarity, contradiction, n)
             finally:
                 con.unregister("_ingest_chunk")
             del chunk
-            _explain_json_errors(con)
-            seconds["check"] += time.perf_counter() - t
-            t = time.perf_counter()
-            for reason, polarity, contradiction, n in wh.add_checked(con, "_ingest_checked", source=str(path),
-                                                                       batch=batch, digest=digest):
-                _count(report, reason, polarity, contradiction, n)
             con.execute("DROP TABLE _ingest_checked")
             seconds["write"] += time.perf_counter() - t
         t = time.perf_counter()

@@ -10,7 +10,7 @@ UTF-8), with its detail and raw text. It yields one row per input row:
     instruction, response, judgment, polarity, refined, score, contradiction, -- good rows only
     id                                                                 -- good rows: the content hash
 
-`raw` is the record's text for every row (a good row's raw text names a duplicate). The id is
+`raw` is the record's text for rejected rows (a duplicate's comes from the chunk itself). The id is
 warehouse.content_key_sql (sha256 in DuckDB, the same bytes as warehouse.content_key), the
 polarity is polarity.positive_sql (the rule judges use). Duplicates are found by the warehouse
 (warehouse.add_checked), which owns every statement on `triplets`.
@@ -181,7 +181,8 @@ SELECT row_number, reason,
                  || trim(judgment, {lit(WS)})
             WHEN 'contradiction' THEN 'negative judgment that says the response is perfect: ' || left(judgment, 80)
        END END AS detail,
-       CASE WHEN reason = 'blank' THEN NULL WHEN pre_raw IS NOT NULL THEN pre_raw
+       -- rtrim over every good row would cost more than the JSON parse: rejects only
+       CASE WHEN reason IS NULL OR reason = 'blank' THEN NULL WHEN pre_raw IS NOT NULL THEN pre_raw
             ELSE rtrim(text, chr(13) || chr(10)) END AS raw,
        CASE WHEN reason IS NULL THEN instruction_full END AS instruction,
        CASE WHEN reason IS NULL THEN response_v END AS response,

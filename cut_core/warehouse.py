@@ -228,28 +228,34 @@ SELECT $source, row_number, raw, reason, detail, $batch FROM (
     SELECT row_number, raw, reason, detail FROM {checked}
     WHERE reason IS NOT NULL AND reason <> 'blank'
     UNION ALL
-    SELECT d.row_number, c.raw, 'duplicate',
+    SELECT d.row_number, {dup_raw}, 'duplicate',
            'same triplet (id ' || left(d.id, 12) || ') as ' || d.first_source || ' row ' || d.first_row
-    FROM _wh_dups d JOIN {checked} c USING (row_number)
+    FROM _wh_dups d JOIN {checked} c USING (row_number) {lines_join}
 ) ORDER BY row_number
 """
 
 
 def add_checked(con: duckdb.DuckDBPyConnection, checked: str, *, source: str, batch: str,
-                digest: str | None = None) -> list[tuple[str | None, str | None, bool | None, int]]:
+                digest: str | None = None, lines: str | None = None
+                ) -> list[tuple[str | None, str | None, bool | None, int]]:
     """Write a checked table (see above) into the warehouse: good rows that are not duplicates
     into `triplets`, bad rows and duplicates into `rejects` (with their raw text and why).
 
     The caller owns the transaction. Returns (reason, polarity, contradiction, n) counts, where
     reason is None for rows written to triplets, 'duplicate' for duplicates and 'blank' for
-    blank lines (counted, not stored).
+    blank lines (counted, not stored). `lines`: a table (row_number, text) the duplicates' raw
+    text is taken from (line terminator stripped) when `checked` keeps raw for rejects only.
     """
+    dup_raw, lines_join = "c.raw", ""
+    if lines is not None:
+        dup_raw, lines_join = "COALESCE(c.raw, rtrim(l.text, chr(13) || chr(10)))", f"LEFT JOIN {lines} l USING (row_number)"
     params = {"source": source}
     con.execute(_DUPS_SQL.format(checked=checked), params)
     try:
         counts = _relation_rows(con, _COUNT_SQL.format(checked=checked))
         con.execute(_INSERT_TRIPLETS_SQL.format(checked=checked), {**params, "batch": batch, "digest": digest})
-        con.execute(_INSERT_REJECTS_SQL.format(checked=checked), {**params, "batch": batch})
+        con.execute(_INSERT_REJECTS_SQL.format(checked=checked, dup_raw=dup_raw, lines_join=lines_join),
+                    {**params, "batch": batch})
     finally:
         con.execute("DROP TABLE IF EXISTS _wh_dups")
     return counts
