@@ -12,9 +12,13 @@ CONFIG.json keys:
     max_steps    optional: stop after this many optimizer steps (overrides training.epochs)
     max_length   optional: dpo/ilf_dpo only, TRL's cap on prompt + completion tokens (CUT
                  examples were already cut to fit when they were materialized)
+    processes    optional: the processes the declaration launched (dsl.Launch.processes); with
+                 more than one, training stops before any work unless they form one group
 
 Writes into output_dir:
     checkpoints/checkpoint-N/   each with COMPLETE written last; only those are resumed from
+    progress.json               rewritten while training (at most every second): step, max_steps,
+                                elapsed_s, steps_per_s, tokens_per_s, eta_s, done
     log_history.jsonl           one JSON object per logging step: step, loss, nll, ut,
                                 flagged_fraction, padding_efficiency, learning_rate, grad_norm, epoch
                                 (ut and flagged_fraction only when the window held CUT pairs);
@@ -25,7 +29,14 @@ Writes into output_dir:
 
 Relaunching on the same output_dir resumes from the latest complete checkpoint with the
 optimizer, scheduler, data position and RNG states it saved, so the resumed run logs the same
-losses as an uninterrupted one. Works under `torchrun` (one process per device).
+losses as an uninterrupted one.
+
+Several processes (torchrun / accelerate launch, cut_core/launch.py): the processes first form
+one group (gloo on CPU, NCCL on CUDA) or stop with an error; each trains on its share of every
+global batch (micro_batch_size x gradient_accumulation x processes records), gradients are
+all-reduced, and rank 0 alone writes checkpoints' COMPLETE markers, the history, adapter/,
+merged/ and COMPLETE, and prints the summary. The losses equal a one-process run at the same
+global batch (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -39,9 +50,13 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_KEYS = {"model_path", "examples", "output_dir", "objective", "adapter", "training", "report_to", "max_steps",
-               "max_length"}
+               "max_length", "processes"}
 REQUIRED_KEYS = ("model_path", "examples", "output_dir")
 HISTORY = "log_history.jsonl"
+PROGRESS = "progress.json"
+# progress.json is rewritten at most this often (seconds).
+PROGRESS_EVERY_S = 1.0
+USER_ERROR = 3  # exit code for a deterministic error the user must fix: the train task does not retry it
 
 
 def _threads() -> int:
@@ -63,6 +78,67 @@ def _write_history(path: Path, entries: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
     tmp.replace(path)
+
+
+def _progress_callback_class():
+    from transformers import TrainerCallback
+
+    class ProgressFile(TrainerCallback):
+        """Rewrites progress.json (atomically) as steps end, at most every PROGRESS_EVERY_S:
+        step, max_steps, elapsed_s, steps_per_s, tokens_per_s (response + prompt tokens of both
+        passes, this process's count x processes; absent for trainers that do not count them),
+        eta_s, done. The train task reads it to log progress while the subprocess runs."""
+
+        def __init__(self, path: Path):
+            self.path, self.trainer = path, None
+            self._start = self._last = 0.0
+            self._first_step = 0
+            self._first_tokens = 0
+
+        def _tokens(self) -> int | None:
+            count = getattr(self.trainer, "tokens_trained", None)
+            return int(count) if count is not None else None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            import time
+
+            self._start, self._first_step = time.monotonic(), state.global_step
+            self._first_tokens = self._tokens() or 0
+            self._write(args, state, done=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import time
+
+            if time.monotonic() - self._last >= PROGRESS_EVERY_S:
+                self._write(args, state, done=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._write(args, state, done=True)
+
+        def _write(self, args, state, *, done: bool) -> None:
+            import time
+
+            now = time.monotonic()
+            self._last = now
+            elapsed = max(now - self._start, 1e-9)
+            steps = state.global_step - self._first_step
+            rate = steps / elapsed if steps else None
+            entry = {"step": state.global_step, "max_steps": state.max_steps, "elapsed_s": round(elapsed, 2),
+                     "steps_per_s": round(rate, 4) if rate else None,
+                     "eta_s": round((state.max_steps - state.global_step) / rate, 1) if rate else None,
+                     "done": done}
+            tokens = self._tokens()
+            if tokens is not None:
+                entry["tokens_per_s"] = round((tokens - self._first_tokens) * max(1, args.world_size) / elapsed, 1)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(entry))
+            tmp.replace(self.path)
+
+    return ProgressFile
+
+
+def ProgressFile(path: Path):  # noqa: N802 — builds the callback without importing transformers at module import
+    return _progress_callback_class()(path)
 
 
 def validate_config(config: dict[str, Any]):
@@ -93,10 +169,14 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
         return {"output_dir": str(output_dir), "skipped": True, **json.loads(marker.read_text() or "{}")}
     objective, adapter, training = validate_config(config)
 
+    from .launch import join_process_group
+
+    world = join_process_group(config.get("processes"))  # before any work: N copies must never train
+
     import torch
     from transformers import AutoTokenizer, TrainerCallback, set_seed
 
-    from .dsl import DPO_OBJECTIVES
+    from .dsl import DPO_OBJECTIVES, PAIRED_OBJECTIVES
     from .trainer import (CompleteMarkerCallback, latest_complete_checkpoint, load_records,
                           remove_incomplete_checkpoints, save_final)
 
@@ -105,6 +185,10 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     checkpoints = output_dir / "checkpoints"
     history_path = output_dir / HISTORY
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has seen the checkpoints before rank 0 prunes incomplete ones
 
     dpo = objective.name in DPO_OBJECTIVES
     if dpo:
@@ -114,7 +198,7 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
         records = None
     else:
         records = load_records(config["examples"])
-        if objective.name != "cut" and any(r.kind == "cut" for r in records):
+        if objective.name not in PAIRED_OBJECTIVES and any(r.kind == "cut" for r in records):
             raise ValueError(f"objective {objective.name!r} is a baseline but {config['examples']} holds CUT pairs "
                              "(align_n/misalign rows): materialize the examples for this objective")
 
@@ -133,7 +217,8 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
                 with open(history_path, "a") as f:
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
-    callbacks = [CompleteMarkerCallback(), JsonlHistory(), *(callbacks or [])]
+    progress = ProgressFile(output_dir / PROGRESS) if rank0 else None
+    callbacks = [CompleteMarkerCallback(), JsonlHistory(), *([progress] if progress else []), *(callbacks or [])]
     # Seed before building the model: LoRA's A matrices are initialised randomly.
     set_seed(training.seed)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
@@ -147,10 +232,12 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
             report_to=config.get("report_to") or "none", callbacks=callbacks)
     else:
         trainer = _cut_trainer(config, objective, adapter, training, tokenizer, records, checkpoints, callbacks)
+    if progress is not None:
+        progress.trainer = trainer  # tokens trained so far (CUTTrainer.tokens_trained)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
-        return {"output_dir": str(output_dir), "rank": int(os.environ.get("RANK", "0"))}
+        return {"output_dir": str(output_dir), "rank": int(os.environ.get("RANK", "0")), "skipped": False}
 
     # The trainer state (restored from the checkpoint on resume) is the authoritative history.
     history = [{"step": e["step"], **e} for e in trainer.state.log_history if "loss" in e]
@@ -169,6 +256,8 @@ def _cut_trainer(config, objective, adapter, training, tokenizer, records, check
     model = load_model(config["model_path"], adapter, full_finetune=training.full_finetune)
     args = CUTConfig(
         threshold=objective.threshold, alpha=objective.alpha, gamma=objective.gamma, weighting=objective.weighting,
+        objective="self_distill" if objective.name == "self_distill" else "cut",
+        distillation_alpha=objective.distillation_alpha,
         **training_arguments(training, output_dir=checkpoints, max_steps=config.get("max_steps"),
                              report_to=config.get("report_to") or "none"))
     return CUTTrainer(model=model, args=args, train_dataset=RecordDataset(records), processing_class=tokenizer,
@@ -181,9 +270,24 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m cut_core.train_cli CONFIG.json", file=sys.stderr)
         return 2
     config = json.loads(Path(argv[0]).read_text())
-    summary = run(config)
-    print(json.dumps(summary))
+    from .launch import ProcessGroupError
+
+    try:
+        summary = run(config)
+    except ProcessGroupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR
+    finally:
+        _leave_process_group()
+    if "rank" not in summary:  # one summary per run, from rank 0
+        print(json.dumps(summary))
     return 0
+
+
+def _leave_process_group() -> None:
+    dist = sys.modules.get("torch.distributed")  # imported only by a run that trained
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -281,6 +281,12 @@ class CUTConfig(TrainingArguments):
         "help": "focal exponent: w_t = alpha * p(y_t|x,j-)**gamma (0 = the reference code)."})
     weighting: str = field(default="reference", metadata={
         "help": "'reference': a negative record's loss is 1/2 (NLL(Align-N) + L1); 'paper': L1 + NLL(Align-N)."})
+    objective: str = field(default="cut", metadata={
+        "help": "'cut' (and the NLL baselines, whose examples are all NLL records), or 'self_distill': each "
+        "Misalign row is distilled from its Align-N twin (the same model with the judgment in context, no "
+        "gradient) on the same response tokens (loss.self_distill_objective)."})
+    distillation_alpha: float = field(default=0.5, metadata={
+        "help": "self_distill: TRL's divergence mix: 0 forward KL(teacher||student), 1 reverse KL, 0.5 JSD."})
     logprob_chunk_size: int | None = field(default=None, metadata={
         "help": "rows of logits computed / upcast to fp32 at once (None: 2**24 elements' worth)."})
     logprob_path: str = field(default="fused", metadata={
@@ -304,6 +310,8 @@ class CUTConfig(TrainingArguments):
             raise ValueError(f"weighting must be 'reference' or 'paper', got {self.weighting!r}")
         if self.threshold < 1.0:
             raise ValueError(f"threshold must be >= 1, got {self.threshold}")
+        if self.objective not in ("cut", "self_distill"):
+            raise ValueError(f"objective must be 'cut' or 'self_distill', got {self.objective!r}")
         if self.logprob_path not in ("fused", "materialized"):
             raise ValueError(f"logprob_path must be 'fused' or 'materialized', got {self.logprob_path!r}")
         super().__post_init__()
@@ -333,6 +341,7 @@ class CUTTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
                          processing_class=processing_class, **kwargs)
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        self.tokens_trained = 0
 
     # -- data
 
@@ -363,18 +372,63 @@ class CUTTrainer(Trainer):
             fused=self.args.logprob_path == "fused", chunk_size=self.args.logprob_chunk_size)
         return left_aligned(flat, inputs[f"{prefix}response_lengths"])
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logp_plain, mask_plain = self._response_logprobs(model, inputs, "")
-        if "judged_input_ids" in inputs:
-            logp_judged, mask_judged = self._response_logprobs(model, inputs, "judged_")
+    def _self_distill_parts(self, model, inputs: dict):
+        """objective 'self_distill': the plain pass is the student (Misalign rows, then nll rows), the
+        judged pass (Align-N) the teacher, run without gradient; one forward per pass, divergence and
+        gold log-probs from the same response-position outputs (hidden states with a fusable head)."""
+        from .loss import fused_gold_logprobs, gold_logprobs, self_distill_objective, self_distill_token_loss
+        from .sequences import _head_bypassed, fusable_head
+
+        def outputs(prefix: str):
+            head = fusable_head(model)[0] if self.args.logprob_path == "fused" else None
+            kwargs = dict(input_ids=inputs[f"{prefix}input_ids"], attention_mask=inputs.get(f"{prefix}attention_mask"),
+                          position_ids=inputs.get(f"{prefix}position_ids"),
+                          logits_to_keep=inputs[f"{prefix}predict_mask"], use_cache=False)
+            if head is None:
+                out = model(**kwargs).logits
+            else:
+                with _head_bypassed(model, head.module):
+                    out = model(**kwargs).logits
+            return out.reshape(-1, out.shape[-1]), head
+
+        ids, lengths = inputs["input_ids"], inputs["response_lengths"]
+        student, head = outputs("")
+        proj = dict(weight=head.weight, bias=head.bias, softcap=head.softcap) if head is not None else {}
+        n_cut = inputs["judged_input_ids"].shape[0] if "judged_input_ids" in inputs else 0
+        n_tok = int(lengths[:n_cut].sum())
+        targets = ids[:, 1:][inputs["predict_mask"][:, :-1]][n_tok:]
+        chunk = self.args.logprob_chunk_size
+        logp_rest = (fused_gold_logprobs(student[n_tok:], head.weight, targets, bias=head.bias, softcap=head.softcap,
+                                         chunk_size=chunk) if head is not None
+                     else gold_logprobs(student[n_tok:], targets, chunk_size=chunk))
+        logp_pos, pos_mask = left_aligned(logp_rest, lengths[n_cut:])
+        if n_cut:
+            if not torch.equal(inputs["judged_response_lengths"], lengths[:n_cut]):
+                raise ValueError("self_distill: Align-N and Misalign rows differ in response length")
+            with torch.no_grad():
+                teacher, _ = outputs("judged_")
+            per_token = self_distill_token_loss(student[:n_tok], teacher, distillation_alpha=self.args.distillation_alpha,
+                                                chunk_size=chunk, **proj)
+            divergence, neg_mask = left_aligned(per_token, lengths[:n_cut])
         else:
-            logp_judged, mask_judged = logp_plain[:0, :0], mask_plain[:0, :0]
-        n_cut, width = mask_judged.shape
-        parts = cut_objective(
-            logp_judged, logp_plain[:n_cut, :width], mask_plain[:n_cut, :width],
-            logp_plain[n_cut:], mask_plain[n_cut:],
-            threshold=self.args.threshold, alpha=self.args.alpha, gamma=self.args.gamma,
-            weighting=self.args.weighting)
+            divergence, neg_mask = logp_pos[:0, :0], pos_mask[:0, :0]
+        return self_distill_objective(divergence, neg_mask, logp_pos, pos_mask)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.objective == "self_distill":
+            parts = self._self_distill_parts(model, inputs)
+        else:
+            logp_plain, mask_plain = self._response_logprobs(model, inputs, "")
+            if "judged_input_ids" in inputs:
+                logp_judged, mask_judged = self._response_logprobs(model, inputs, "judged_")
+            else:
+                logp_judged, mask_judged = logp_plain[:0, :0], mask_plain[:0, :0]
+            n_cut, width = mask_judged.shape
+            parts = cut_objective(
+                logp_judged, logp_plain[:n_cut, :width], mask_plain[:n_cut, :width],
+                logp_plain[n_cut:], mask_plain[n_cut:],
+                threshold=self.args.threshold, alpha=self.args.alpha, gamma=self.args.gamma,
+                weighting=self.args.weighting)
         n_pad = int(inputs.get("pad_records", 0))
         if n_pad:  # filler records (last global batch of a multi-process run): in the graph, weight 0
             parts = _drop_pads(parts, n_pad)
@@ -400,6 +454,7 @@ class CUTTrainer(Trainer):
             s["cut_tokens"] += parts.neg_mask.sum().cpu()
             s["real_tokens"] += real
             s["computed_tokens"] += computed
+        self.tokens_trained += real  # this process's real tokens so far (train_cli's progress.json)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._sums:
@@ -409,7 +464,9 @@ class CUTTrainer(Trainer):
                 totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
             t = dict(zip(keys, totals.tolist()))
             logs["nll"] = t["nll_sum"] / max(t["nll_n"], 1)
-            if t["ut_n"]:
+            if t["ut_n"] and self.args.objective == "self_distill":
+                logs["distill"] = t["ut_sum"] / t["ut_n"]  # mean per-record divergence to the teacher
+            elif t["ut_n"]:
                 logs["ut"] = t["ut_sum"] / t["ut_n"]
                 logs["flagged_fraction"] = t["flagged"] / max(t["cut_tokens"], 1)
             logs["padding_efficiency"] = t["real_tokens"] / max(t["computed_tokens"], 1)
@@ -497,7 +554,7 @@ def training_arguments(training: Any, *, output_dir: str | Path, max_steps: int 
         report_to=report_to, dataloader_pin_memory=on_gpu, disable_tqdm=True,
         # On CPU, accelerate treats torchrun's processes as lone rank-0 copies unless told it is a
         # CPU run; then they form a gloo group (cut_core/launch.py has already joined it).
-        use_cpu=not on_gpu, ddp_backend=None if on_gpu else "gloo",
+        use_cpu=not on_gpu,
     )
 
 

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cut_core import warehouse as wh
-from cut_core.dsl import Pipeline, import_callable
+from cut_core.dsl import Pipeline
 from cut_core.evaluate import EvaluationRefused
 from cut_core.files import run_lock
 from tasks import tracking
@@ -29,6 +29,7 @@ from tasks.generate import generate_responses, sample_prompts
 from tasks.ingest import ingest_source
 from tasks.label import judge_pairs, label_unlabeled
 from tasks.materialize import materialize_examples
+from tasks.prepare import build_model
 from tasks.report import loss_curve_png
 from tasks.stages import finished, run_key, run_stage, write_json_atomic
 from tasks.train import train
@@ -74,10 +75,14 @@ def warehouse_path(pipeline: Pipeline) -> str:
 
 
 def prepare_model(pipeline: Pipeline) -> str:
-    """The model to align; built first when the declaration names a builder and it is missing."""
+    """The model to align; built first when the declaration names a builder and it is missing,
+    by the prepare-model task (tasks/prepare.py: its own Prefect task run, progress in its logs)."""
+    from prefect.context import FlowRunContext
+
     path = Path(pipeline.model.path)
     if pipeline.model.build and not (path / "config.json").exists():
-        import_callable(pipeline.model.build)(path)
+        run = build_model if FlowRunContext.get() is not None else build_model.fn  # a task only inside a flow
+        run(pipeline.model.build, str(path))
     return str(path)
 
 
@@ -176,10 +181,10 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
     tracking.log_metrics(run_id, {f"data.{k}": v for k, v in examples.get("stats", {}).items()
                                   if isinstance(v, (int, float))})
 
+    # Training metrics stream into the iteration's MLflow run while the subprocess trains
+    # (tasks/train.py), each logged step once, also across a retry or a resumed run.
     trained = run_stage(it / "train", lambda d: train(
-        train_config(pipeline, model_path, examples["path"]), str(d / "out")))
-    for row in trained["history"]:
-        tracking.log_metrics(run_id, {f"train.{k}": v for k, v in row.items() if k != "step"}, step=row.get("step"))
+        train_config(pipeline, model_path, examples["path"]), str(d / "out"), mlflow_run_id=run_id))
     if trained["history"]:
         plot = Path(trained["output_dir"]) / "loss_curve.png"
         loss_curve_png(trained["history"], plot, title=f"{pipeline.name} iteration {iteration}")

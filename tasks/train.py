@@ -14,10 +14,98 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 from prefect import task
-from prefect.logging import get_run_logger
+
+from tasks.logs import task_logger
+
+HISTORY, PROGRESS = "log_history.jsonl", "progress.json"
+# Where the rows already handed on are counted: a relaunch (retry, resume) does not repeat them.
+STREAMED = "history_streamed.json"
+
+
+class HistoryStreamer:
+    """Hands each new row of a training run's log_history.jsonl to `on_rows`, each step once.
+
+    The file is re-read whole at every poll (it is small, and the subprocess rewrites it on a
+    resume and at the end); a row counts once its line is complete. The last step handed on is
+    kept in `STREAMED` beside it, so a relaunched run (a retry, a resume from a checkpoint) hands
+    on only steps after it: the steps it replays from its checkpoint were handed on before.
+    """
+
+    def __init__(self, output_dir: Path, on_rows: Callable[[list[dict]], None]):
+        self.history, self.cursor_path, self.on_rows = output_dir / HISTORY, output_dir / STREAMED, on_rows
+        self.last_step = json.loads(self.cursor_path.read_text())["step"] if self.cursor_path.exists() else 0
+
+    def poll(self) -> int:
+        """Hand on the new complete rows; returns how many."""
+        if not self.history.exists():
+            return 0
+        text = self.history.read_text()
+        rows = []
+        for line in text.splitlines(keepends=True):
+            if not line.endswith("\n") or not line.strip():
+                continue  # a line still being written
+            row = json.loads(line)
+            if row.get("step", 0) > self.last_step and (not rows or row["step"] > rows[-1]["step"]):
+                rows.append(row)
+        if rows:
+            self.on_rows(rows)
+            self.last_step = rows[-1]["step"]
+            tmp = self.cursor_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": self.last_step}))
+            tmp.replace(self.cursor_path)
+        return len(rows)
+
+
+def progress_line(progress: dict) -> str:
+    """'train: step 40/120 (33%), 1830 tokens/s, ETA 2m10s' from a progress.json."""
+    step, total = progress.get("step", 0), progress.get("max_steps") or 0
+    parts = [f"train: step {step}/{total}" + (f" ({100 * step / total:.0f}%)" if total else "")]
+    if progress.get("tokens_per_s") is not None:
+        parts.append(f"{progress['tokens_per_s']:.0f} tokens/s")
+    elif progress.get("steps_per_s"):
+        parts.append(f"{progress['steps_per_s']:.2f} steps/s")
+    eta = progress.get("eta_s")
+    if eta is not None:
+        parts.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+    return ", ".join(parts)
+
+
+def watch(proc: subprocess.Popen, output_dir: Path, *, streamer: HistoryStreamer | None, log, timeout_s: float | None,
+          poll_s: float, progress_every_s: float | None) -> int:
+    """Wait for the subprocess, streaming history rows and logging progress; kill it past timeout_s."""
+    every = float(os.environ.get("CUT_ALIGN_PROGRESS_S", "30")) if progress_every_s is None else progress_every_s
+    started = last_progress = time.monotonic()
+    last_line = None
+    while True:
+        try:
+            proc.wait(timeout=poll_s)
+            finished = True
+        except subprocess.TimeoutExpired:
+            finished = False
+        if streamer is not None:
+            streamer.poll()
+        now = time.monotonic()
+        if now - last_progress >= every or finished:
+            last_progress = now
+            progress_path = output_dir / PROGRESS
+            try:
+                line = progress_line(json.loads(progress_path.read_text())) if progress_path.exists() else None
+            except (OSError, ValueError):
+                line = None  # replaced while read: next time
+            if line and line != last_line:
+                log(line)
+                last_line = line
+        if finished:
+            return proc.returncode
+        if timeout_s is not None and now - started > timeout_s:
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
 
 
 def train_command(config_path: Path) -> list[str]:
@@ -28,8 +116,14 @@ def train_command(config_path: Path) -> list[str]:
 
 
 def launch_training(config: dict, output_dir: Path, *, timeout_s: float | None = None,
-                    log=print) -> dict:
-    """Run training to completion in a subprocess; return the summary it wrote."""
+                    log=print, on_rows: Callable[[list[dict]], None] | None = None, poll_s: float = 2.0,
+                    progress_every_s: float | None = None) -> dict:
+    """Run training to completion in a subprocess; return the summary it wrote.
+
+    While it runs: every `poll_s`, new rows of its log_history.jsonl go to `on_rows` (each step
+    once, across relaunches: see HistoryStreamer), and every `progress_every_s` (default
+    $CUT_ALIGN_PROGRESS_S or 30 s) its progress.json becomes one `log` line: steps done / total,
+    tokens/s, ETA."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = {**config, "output_dir": str(output_dir)}
@@ -37,9 +131,11 @@ def launch_training(config: dict, output_dir: Path, *, timeout_s: float | None =
     config_path.write_text(json.dumps(config, indent=2))
     log_path = output_dir / "train.log"
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    streamer = HistoryStreamer(output_dir, on_rows) if on_rows is not None else None
     with open(log_path, "a") as log_file:
-        proc = subprocess.run(train_command(config_path), stdout=log_file, stderr=subprocess.STDOUT,
-                              env=env, timeout=timeout_s)
+        proc = subprocess.Popen(train_command(config_path), stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        watch(proc, output_dir, streamer=streamer, log=log, timeout_s=timeout_s, poll_s=poll_s,
+              progress_every_s=progress_every_s)
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"training subprocess failed (exit {proc.returncode}); log {log_path}:\n{tail}")
@@ -56,7 +152,25 @@ def launch_training(config: dict, output_dir: Path, *, timeout_s: float | None =
 
 
 @task(name="train", retries=1, retry_delay_seconds=5)
-def train(config: dict, output_dir: str, timeout_s: float | None = None) -> dict:
-    """Retried once: a relaunch resumes from the last complete checkpoint, not from scratch."""
-    logger = get_run_logger()
-    return launch_training(config, Path(output_dir), timeout_s=timeout_s, log=logger.info)
+def train(config: dict, output_dir: str, timeout_s: float | None = None, mlflow_run_id: str | None = None) -> dict:
+    """Retried once: a relaunch resumes from the last complete checkpoint, not from scratch.
+
+    With `mlflow_run_id`, training metrics stream into that MLflow run while the subprocess runs
+    (`train.<key>` at each logged step, each step once, also across a retry or a resumed run)."""
+    logger = task_logger(__name__)
+    on_rows = None
+    if mlflow_run_id:
+        import mlflow
+
+        from tasks import tracking
+
+        def on_rows(rows: list[dict]) -> None:
+            """All new rows in as few calls as MLflow allows (1000 metrics a batch)."""
+            now = int(time.time() * 1000)
+            metrics = [mlflow.entities.Metric(f"train.{k}", float(v), now, int(row.get("step") or 0))
+                       for row in rows for k, v in row.items()
+                       if k != "step" and isinstance(v, (int, float)) and v == v]
+            client = tracking.use_store()
+            for i in range(0, len(metrics), 1000):
+                client.log_batch(mlflow_run_id, metrics=metrics[i:i + 1000])
+    return launch_training(config, Path(output_dir), timeout_s=timeout_s, log=logger.info, on_rows=on_rows)
