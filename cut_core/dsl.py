@@ -238,13 +238,16 @@ Judge = Annotated[Union[FunctionJudge, TransformersJudge, OpenAIJudge], Field(di
 
 # The objectives trained by TRL's DPOTrainer on preference pairs (the 'dpo' extra).
 DPO_OBJECTIVES = ("dpo", "ilf_dpo")
+# Objectives that train on CUT's Align-N/Misalign pairs (contrast.py materializes them alike).
+PAIRED_OBJECTIVES = ("cut", "self_distill")
 
 
 class Objective(Section):
-    name: Literal["cut", "sft", "hindsight", "forward_prediction", "ilf_mle", "dpo", "ilf_dpo"] = Field(
+    name: Literal["cut", "sft", "hindsight", "forward_prediction", "ilf_mle", "dpo", "ilf_dpo", "self_distill"] = Field(
         default="cut",
         description="training objective: cut, or a baseline (sft, hindsight, forward_prediction, ilf_mle; "
-                    "dpo and ilf_dpo need the 'dpo' extra: pip install 'cut-align[dpo]')")
+                    "dpo and ilf_dpo need the 'dpo' extra: pip install 'cut-align[dpo]'; self_distill: the "
+                    "model with the judgment in context (Align-N) is the teacher of the plain context (Misalign))")
     threshold: float = Field(
         default=1.2, ge=1.0,
         description="lambda of Eq. 5: a token is flagged when p(y|x,j-)/p(y|x) > threshold (>= 1; 1.1 online, 1.2 offline; inf disables)")
@@ -265,6 +268,10 @@ class Objective(Section):
                     "(instruction, response, judgment) and returning one text or None each, or None (skip)")
     refine_max_new_tokens: int = Field(default=256, ge=1, description="refiner='model': refinement length cap")
     beta: float = Field(default=0.1, gt=0.0, description="dpo/ilf_dpo: the DPO temperature beta")
+    distillation_alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="self_distill: divergence as TRL's SDFT/SDPO mix it: 0 forward KL(teacher||student), "
+                    "1 reverse KL(student||teacher), in between generalized JSD (0.5, SDFT's default)")
 
     @field_validator("refiner")
     @classmethod

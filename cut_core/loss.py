@@ -293,3 +293,100 @@ def fused_gold_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     flat = _FusedGoldLogProb.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
                                    chunk, float(softcap) if softcap else None)
     return flat.view(labels.shape)
+
+
+# ---------------------------------------------------------------- judgment-conditioned self-distillation
+
+def self_distill_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                            distillation_alpha: float = 0.5) -> torch.Tensor:
+    """Per-token divergence between the teacher's and the student's next-token distributions.
+
+    The comparator of TRL's experimental SDFT/SDPO (`privileged_context`, "full_logits" mode),
+    with its `distillation_alpha` convention (written beta below):
+
+        s_t = log softmax(student_t),  q_t = log softmax(teacher_t)  (teacher detached)
+        beta = 0:    KL(q || s) = sum_v e^q_t[v] (q_t[v] - s_t[v])        forward KL
+        beta = 1:    KL(s || q) = sum_v e^s_t[v] (s_t[v] - q_t[v])        reverse KL
+        0 < beta < 1: generalized Jensen-Shannon, m_t = (1 - beta) e^s_t + beta e^q_t,
+                      D_t = beta KL(q || m) + (1 - beta) KL(s || m)     (beta = 0.5: JSD, SDFT's default)
+
+    student_logits / teacher_logits [rows, V] (any float dtype; computed in fp32). Returns fp32
+    [rows], >= 0, zero where the two distributions are equal. No gradient reaches the teacher.
+    """
+    beta = distillation_alpha
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"distillation_alpha must lie in [0, 1], got {beta}")
+    s = torch.log_softmax(student_logits.float(), dim=-1)
+    q = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    if beta == 0.0:
+        return (q.exp() * (q - s)).sum(-1)
+    if beta == 1.0:
+        return (s.exp() * (s - q)).sum(-1)
+    m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), q + math.log(beta)]), dim=0)
+    return beta * (q.exp() * (q - m)).sum(-1) + (1.0 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+def _divergence_chunk(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None,
+                      bias: torch.Tensor | None, softcap: float | None, distillation_alpha: float) -> torch.Tensor:
+    if weight is not None:  # hidden states: project this chunk only
+        student = _head_logits(student, weight, bias, softcap)
+        with torch.no_grad():
+            teacher = _head_logits(teacher, weight, bias, softcap)
+    return self_distill_divergence(student, teacher, distillation_alpha=distillation_alpha)
+
+
+def self_distill_token_loss(student: torch.Tensor, teacher: torch.Tensor, *, distillation_alpha: float = 0.5,
+                            weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                            softcap: float | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """`self_distill_divergence` per response token, in chunks of rows, recomputed in backward.
+
+    student / teacher [rows, D]: the two contexts' outputs at the same response positions (row i of
+    both predicts the same response token): logits (D = V, weight None), or final hidden states
+    (D = H) with the output head `weight` [V, H], `bias`, `softcap`, so that no [rows, V] tensor
+    is alive whole. Each chunk runs under activation checkpointing: backward recomputes its logits
+    instead of keeping every chunk's. Returns fp32 [rows]; the teacher gets no gradient.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} do not align")
+    from torch.utils.checkpoint import checkpoint
+
+    vocab = weight.shape[0] if weight is not None else student.shape[-1]
+    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // vocab)
+    teacher = teacher.detach()
+    pieces = []
+    for s in range(0, student.shape[0], chunk):
+        args = (student[s:s + chunk], teacher[s:s + chunk], weight, bias, softcap, distillation_alpha)
+        pieces.append(checkpoint(_divergence_chunk, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else _divergence_chunk(*args))
+    return torch.cat(pieces) if pieces else student.new_zeros((0,), dtype=torch.float32)
+
+
+def self_distill_objective(
+    divergence: torch.Tensor,
+    neg_mask: torch.Tensor,
+    logp_positive: torch.Tensor,
+    pos_mask: torch.Tensor,
+) -> CUTLoss:
+    """Judgment-conditioned self-distillation per record, on CUT's own examples.
+
+    Negative record (Align-N [x, j-] + y as the teacher, its Misalign twin x + y as the student,
+    the same model, teacher detached, the same response tokens y_1..y_N):
+        L_SD = (1/N) sum_t D(p(. | y<t, x, j-) , p(. | y<t, x))      D: `self_distill_divergence`
+    NLL record (Align-P, or a baseline's `mle` row):  NLL(y | x), as in CUT.
+
+    divergence / neg_mask: [R_neg, N] per-token D and the real-token mask; logp_positive /
+    pos_mask: [R_pos, N']. Returns a `CUTLoss` whose `l1` holds L_SD per negative record
+    (no token is flagged; `nll_judged` is empty: the teacher context is not trained).
+
+    The teacher is the *live* model (TRL's teacher_model_kind="live"), prompted with CUT's judge
+    template, which asks for a response that *matches* the judgment. That is the Align-N context
+    CUT contrasts against; for a negative judgment it is also a teacher that may favour the very
+    mistake the judgment names (CUT's detection relies on exactly that), unlike SDPO's reprompt,
+    which asks the teacher to solve the task correctly given the feedback.
+    """
+    mask = neg_mask.bool()
+    per_token = torch.where(mask, divergence.float(), torch.zeros_like(divergence, dtype=torch.float32))
+    l_sd = per_token.sum(-1) / mask.sum(-1).clamp(min=1).to(per_token.dtype)
+    nll_plain = masked_nll(logp_positive.float(), pos_mask)
+    return CUTLoss(per_record=torch.cat([l_sd, nll_plain]), l1=l_sd, nll_judged=l_sd.new_zeros((0,)),
+                   nll_plain=nll_plain, flagged=torch.zeros_like(mask), neg_mask=mask)

@@ -27,6 +27,9 @@ def objective_summary(o) -> str:
     if o.name == "cut":
         return (f"cut (lambda {o.threshold}, alpha {o.alpha}, gamma {o.gamma}, weighting {o.weighting}, "
                 f"align_p_ratio {o.align_p_ratio})")
+    if o.name == "self_distill":
+        return (f"self_distill (teacher: Align-N, the judgment in context; student: Misalign; divergence mix "
+                f"distillation_alpha {o.distillation_alpha}; align_p_ratio {o.align_p_ratio})")
     if o.name == "dpo":
         return f"dpo via TRL (beta {o.beta}; pairs from scores, else polarity)"
     if o.name == "ilf_dpo":
