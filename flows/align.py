@@ -184,7 +184,8 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
     # Training metrics stream into the iteration's MLflow run while the subprocess trains
     # (tasks/train.py), each logged step once, also across a retry or a resumed run.
     trained = run_stage(it / "train", lambda d: train(
-        train_config(pipeline, model_path, examples["path"]), str(d / "out"), mlflow_run_id=run_id))
+        train_config(pipeline, model_path, examples["path"]), str(d / "out"), mlflow_run_id=run_id,
+        launch_json=pipeline.launch.model_dump_json()))
     if trained["history"]:
         plot = Path(trained["output_dir"]) / "loss_curve.png"
         loss_curve_png(trained["history"], plot, title=f"{pipeline.name} iteration {iteration}")

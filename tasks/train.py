@@ -2,24 +2,27 @@
 
 Why a subprocess: a Prefect timeout cannot stop a thread, a crashed CUDA context cannot take
 the orchestrator down with it, and the same command line scales out under `torchrun` or
-`accelerate launch` (set CUT_ALIGN_LAUNCHER, e.g. "torchrun --nproc-per-node 4").
+`accelerate launch` (the declaration's `launch` section, or CUT_ALIGN_LAUNCHER: cut_core/launch.py).
 The subprocess writes checkpoints with completion markers; launching it again on the same
 output folder resumes from the last complete checkpoint, or does nothing if it finished.
+A deterministic error (exit code USER_ERROR: a bad config, LoRA targets that match nothing,
+processes that form no group) is raised as TrainingConfigError and never retried.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from prefect import task
 
+from cut_core.errors import UserError
+from cut_core.launch import LAUNCHER_ENV, describe, launch_command
+from cut_core.train_cli import USER_ERROR
 from tasks.logs import task_logger
 
 HISTORY, PROGRESS = "log_history.jsonl", "progress.json"
@@ -108,14 +111,17 @@ def watch(proc: subprocess.Popen, output_dir: Path, *, streamer: HistoryStreamer
             raise subprocess.TimeoutExpired(proc.args, timeout_s)
 
 
-def train_command(config_path: Path) -> list[str]:
-    launcher = os.environ.get("CUT_ALIGN_LAUNCHER")
-    if launcher:
-        return [*shlex.split(launcher), "-m", "cut_core.train_cli", str(config_path)]
-    return [sys.executable, "-m", "cut_core.train_cli", str(config_path)]
+class TrainingConfigError(UserError):
+    """The training subprocess refused its input (exit code USER_ERROR): retrying cannot help."""
 
 
-def launch_training(config: dict, output_dir: Path, *, timeout_s: float | None = None,
+def _last_error_line(log_path: Path) -> str:
+    """The subprocess's own one-line verdict ('error: ...'), the last one in its log."""
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("error: ")]
+    return lines[-1][len("error: "):] if lines else f"training refused its configuration; see {log_path}"
+
+
+def launch_training(config: dict, output_dir: Path, *, launch=None, timeout_s: float | None = None,
                     log=print, on_rows: Callable[[list[dict]], None] | None = None, poll_s: float = 2.0,
                     progress_every_s: float | None = None) -> dict:
     """Run training to completion in a subprocess; return the summary it wrote.
@@ -123,19 +129,25 @@ def launch_training(config: dict, output_dir: Path, *, timeout_s: float | None =
     While it runs: every `poll_s`, new rows of its log_history.jsonl go to `on_rows` (each step
     once, across relaunches: see HistoryStreamer), and every `progress_every_s` (default
     $CUT_ALIGN_PROGRESS_S or 30 s) its progress.json becomes one `log` line: steps done / total,
-    tokens/s, ETA."""
+    tokens/s, ETA. `launch`: a dsl.Launch (processes, accelerate config), None for one process."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = {**config, "output_dir": str(output_dir)}
+    if launch is not None and not os.environ.get(LAUNCHER_ENV):
+        config["processes"] = launch.processes  # the subprocess stops if fewer form a group
     config_path = output_dir / "train_config.json"
     config_path.write_text(json.dumps(config, indent=2))
     log_path = output_dir / "train.log"
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
     streamer = HistoryStreamer(output_dir, on_rows) if on_rows is not None else None
     with open(log_path, "a") as log_file:
-        proc = subprocess.Popen(train_command(config_path), stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        command = launch_command(config_path, launch)
+        log(f"training: {describe(launch)}")
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         watch(proc, output_dir, streamer=streamer, log=log, timeout_s=timeout_s, poll_s=poll_s,
               progress_every_s=progress_every_s)
+    if proc.returncode == USER_ERROR:
+        raise TrainingConfigError(_last_error_line(log_path))
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"training subprocess failed (exit {proc.returncode}); log {log_path}:\n{tail}")
@@ -151,9 +163,23 @@ def launch_training(config: dict, output_dir: Path, *, timeout_s: float | None =
             "history": history}
 
 
-@task(name="train", retries=1, retry_delay_seconds=5)
-def train(config: dict, output_dir: str, timeout_s: float | None = None, mlflow_run_id: str | None = None) -> dict:
-    """Retried once: a relaunch resumes from the last complete checkpoint, not from scratch.
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect retry condition: a crash is retried (the relaunch resumes), a UserError is not."""
+    try:
+        state.result(raise_on_failure=True)
+    except UserError:
+        return False
+    except BaseException:  # noqa: BLE001 — any other failure may be transient
+        return True
+    return True
+
+
+@task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+def train(config: dict, output_dir: str, timeout_s: float | None = None, mlflow_run_id: str | None = None,
+          launch_json: str | None = None) -> dict:
+    """Retried once after a crash: a relaunch resumes from the last complete checkpoint, not from
+    scratch. Never retried for a UserError (the same input would fail the same way).
+    `launch_json`: the declaration's dsl.Launch as JSON (processes, accelerate config).
 
     With `mlflow_run_id`, training metrics stream into that MLflow run while the subprocess runs
     (`train.<key>` at each logged step, each step once, also across a retry or a resumed run)."""
@@ -173,4 +199,8 @@ def train(config: dict, output_dir: str, timeout_s: float | None = None, mlflow_
             client = tracking.use_store()
             for i in range(0, len(metrics), 1000):
                 client.log_batch(mlflow_run_id, metrics=metrics[i:i + 1000])
-    return launch_training(config, Path(output_dir), timeout_s=timeout_s, log=logger.info, on_rows=on_rows)
+    from cut_core.dsl import Launch
+
+    launch = Launch.model_validate_json(launch_json) if launch_json else None
+    return launch_training(config, Path(output_dir), launch=launch, timeout_s=timeout_s, log=logger.info,
+                           on_rows=on_rows)
