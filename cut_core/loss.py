@@ -214,8 +214,10 @@ class _FusedGoldLogProb(torch.autograd.Function):
         d s / d z   = 1 - (s / c)^2             (with a cap)
         dh = dz W,  dW = dz^T h,  db = sum_rows dz
     so the extra memory is one chunk of logits (and its gradient) in fp32, whatever the number of
-    rows. The weight gradient is computed only when the weight requires one (LoRA's frozen head
-    costs no weight-gradient FLOPs); dW accumulates in fp32 over the chunks.
+    rows. The weight gradient is computed only when the weight requires one; dW accumulates in
+    fp32 over the chunks. With a frozen head (LoRA) forward computes d out_t / d h_t while each
+    chunk's logits exist and backward only scales it by the incoming gradient: no recompute, the
+    head costs the FLOPs of materialized logits (forward + dh), and no weight-gradient FLOPs.
     """
 
     @staticmethod
@@ -225,19 +227,36 @@ class _FusedGoldLogProb(torch.autograd.Function):
         safe = labels.clamp(min=0)
         out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # A frozen head (LoRA) needs only dh. Row t's output depends on row t of h alone, so
+        # dh_t = g_t * d out_t / d h_t: the per-row derivative is computed here from the chunk's
+        # logits while they exist, and backward only scales it; no recompute, same FLOPs as
+        # materialized logits, and it is [rows, H] like the hidden states it replaces.
+        forward_grad = need_h and not need_w and not need_b
+        jac = torch.empty_like(hidden) if forward_grad else None
         for s in range(0, hidden.shape[0], chunk):
             z = _head_logits(hidden[s:s + chunk], weight, bias, softcap)
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(-1, safe[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            if forward_grad:
+                dz = _dlogp_dz(z, lse[s:s + chunk], safe[s:s + chunk], torch.ones_like(lse[s:s + chunk]), softcap)
+                jac[s:s + chunk] = (dz.to(weight.dtype) @ weight).to(jac.dtype)
         out = torch.where(valid, out, torch.zeros_like(out))
-        ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
-        ctx.chunk, ctx.softcap = chunk, softcap
+        if forward_grad:
+            ctx.save_for_backward(jac, valid)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
+        ctx.chunk, ctx.softcap, ctx.forward_grad = chunk, softcap, forward_grad
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")  # recompute under the forward's autocast state
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if ctx.forward_grad:
+            jac, valid = ctx.saved_tensors
+            g = torch.where(valid, grad_out.float(), torch.zeros_like(grad_out, dtype=torch.float32))
+            return (jac.float() * g[:, None]).to(jac.dtype), None, None, None, None, None
         hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g = torch.where(valid, grad_out.float(), torch.zeros_like(lse))
@@ -247,12 +266,7 @@ class _FusedGoldLogProb(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             e = s + ctx.chunk
             h = hidden[s:e]
-            z = _head_logits(h, weight, bias, ctx.softcap)
-            dz = (z - lse[s:e, None]).exp_()
-            dz.mul_(-g[s:e, None]).scatter_add_(-1, safe[s:e, None], g[s:e, None])
-            if ctx.softcap:
-                dz.mul_(1.0 - (z / ctx.softcap).square_())
-            del z
+            dz = _dlogp_dz(_head_logits(h, weight, bias, ctx.softcap), lse[s:e], safe[s:e], g[s:e], ctx.softcap)
             if need_h:
                 grad_h[s:e] = (dz.to(weight.dtype) @ weight).to(grad_h.dtype)
             if need_w:  # fp32 accumulation over chunks; the product in the hidden states' dtype
@@ -261,6 +275,18 @@ class _FusedGoldLogProb(torch.autograd.Function):
                 grad_b.add_(dz.sum(0))
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
                 grad_b.to(bias.dtype) if need_b else None, None, None, None)
+
+
+def _dlogp_dz(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, g: torch.Tensor,
+              softcap: float | None) -> torch.Tensor:
+    """g * d log p_label / d z for one chunk, in place over z (capped logits s when softcap):
+    g (onehot - softmax(s)), times 1 - (s / c)^2 under a cap."""
+    cap_factor = 1.0 - (z / softcap).square_() if softcap else None
+    dz = (z - lse[:, None]).exp_()
+    dz.mul_(-g[:, None]).scatter_add_(-1, labels[:, None], g[:, None])
+    if cap_factor is not None:
+        dz.mul_(cap_factor)
+    return dz
 
 
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

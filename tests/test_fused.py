@@ -52,13 +52,24 @@ def test_fused_equals_logits_then_log_softmax(softcap, with_bias):
         torch.testing.assert_close(a, e, atol=TOL, rtol=1e-5)
 
 
-def test_a_frozen_weight_gets_no_gradient_and_the_hidden_states_still_do():
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_the_same_one(softcap):
+    """A frozen head (LoRA) takes the forward-gradient path: d out / d h computed in forward."""
     torch.manual_seed(1)
-    h = torch.randn(9, 8, requires_grad=True)
-    w = torch.randn(VOCAB, 8)             # frozen (LoRA's base head)
-    out = fused_gold_logprobs(h, w, torch.randint(0, VOCAB, (9,)))
-    out.sum().backward()
-    assert w.grad is None and h.grad is not None and h.grad.abs().sum() > 0
+    h = torch.randn(29, 8, requires_grad=True)
+    w, b = torch.randn(VOCAB, 8), torch.randn(VOCAB)
+    y = torch.randint(0, VOCAB, (29,))
+    y[5] = -100
+    g = torch.randn(29)
+    out = fused_gold_logprobs(h, w, y, bias=b, softcap=softcap, chunk_size=4)
+    (out * g).sum().backward()
+    assert w.grad is None and b.grad is None
+    h2 = h.detach().clone().requires_grad_(True)
+    z = torch.nn.functional.linear(h2, w, b)
+    want = gold_logprobs(softcap * torch.tanh(z / softcap) if softcap else z, y)
+    (want * g).sum().backward()
+    torch.testing.assert_close(out, want, atol=TOL, rtol=0)
+    torch.testing.assert_close(h.grad, h2.grad, atol=TOL, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- real models
