@@ -555,6 +555,11 @@ def training_arguments(training: Any, *, output_dir: str | Path, max_steps: int 
         # On CPU, accelerate treats torchrun's processes as lone rank-0 copies unless told it is a
         # CPU run; then they form a gloo group (cut_core/launch.py has already joined it).
         use_cpu=not on_gpu,
+        # DDP: a CUT micro-batch runs one or two forward passes (the judged pass only when it holds
+        # pairs), so ranks may run different numbers of forwards per backward. Nothing may be
+        # collective in forward (no buffer broadcast: LM buffers are constants such as rotary
+        # frequencies) and every parameter is used in every step (no unused-parameter search).
+        ddp_broadcast_buffers=False, ddp_find_unused_parameters=False,
     )
 
 
