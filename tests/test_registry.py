@@ -18,13 +18,28 @@ from cut_core.weights import digested_files, weights_digest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def demo_tiny(tmp_path_factory):
+    """One tiny model for the module (the demo's tokenizer, so the flow test can train it too)."""
+    from cut_core.demo_task import tokenizer_corpus
+    return make_tiny_model(tmp_path_factory.mktemp("base") / "model", tokenizer_corpus(n=300), vocab_size=256)
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A real MLflow SQLite store in tmp_path; returns the tracking module."""
-    monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "mlruns"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from tasks import tracking
-    return tracking
+def tiny(tmp_path, demo_tiny):
+    """A fresh copy of the tiny model, as a run's merged folder."""
+    return Path(shutil.copytree(demo_tiny, tmp_path / "run" / "merged"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real MLflow SQLite store for the module (creating one costs seconds); returns the
+    tracking module. Each test registers its own model name."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path_factory.mktemp("store") / "mlruns"))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        from tasks import tracking
+        yield tracking
 
 
 def register(tracking, name: str, model_dir: Path, value: float = 1.0) -> dict:
@@ -50,8 +65,8 @@ def flip_a_byte(path: Path):
     path.write_bytes(bytes(data))
 
 
-def test_weights_digest_covers_config_and_weights_only(tmp_path):
-    model = make_tiny_model(tmp_path / "m")
+def test_weights_digest_covers_config_and_weights_only(tmp_path, tiny):
+    model = tiny
     digest = weights_digest(model)
     assert [p.name for p in digested_files(model)] == ["config.json", "model.safetensors"]
     (model / "tokenizer_config.json").write_text("{}")          # not part of the weights
@@ -65,8 +80,8 @@ def test_weights_digest_covers_config_and_weights_only(tmp_path):
         weights_digest(model)
 
 
-def test_champion_is_downloaded_and_verified_when_its_local_folder_is_gone(tmp_path, store):
-    merged = make_tiny_model(tmp_path / "run" / "merged", seed=1)
+def test_champion_is_downloaded_and_verified_when_its_local_folder_is_gone(tmp_path, store, tiny):
+    merged = tiny
     original = tensors(merged)
     registered = register(store, "reg-model", merged)
     assert registered["champion"] and registered["digest"] == weights_digest(merged)
@@ -90,8 +105,8 @@ def test_champion_is_downloaded_and_verified_when_its_local_folder_is_gone(tmp_p
     assert (again.source, again.path) == ("cache", fetched.path)
 
 
-def test_altered_weights_are_never_used(tmp_path, store):
-    merged = make_tiny_model(tmp_path / "run" / "merged", seed=2)
+def test_altered_weights_are_never_used(tmp_path, store, tiny):
+    merged = tiny
     pristine = shutil.copytree(merged, tmp_path / "pristine")
     register(store, "alt-model", merged)
     cache = tmp_path / "cache"
@@ -125,13 +140,12 @@ def test_altered_weights_are_never_used(tmp_path, store):
         store.resolve_model("alt-model", version=1, cache_dir=cache)
 
 
-def test_unknown_and_unverifiable_versions_are_errors(tmp_path, store):
+def test_unknown_and_unverifiable_versions_are_errors(tmp_path, store, tiny):
     assert store.champion_version("nothing-yet") is None
     with pytest.raises(store.RegistryError, match="models:/nothing-yet@champion is not in the registry"):
         store.resolve_model("nothing-yet", alias="champion", cache_dir=tmp_path)
 
-    merged = make_tiny_model(tmp_path / "merged")
-    register(store, "some-model", merged, value=None)             # no score: no champion
+    register(store, "some-model", tiny, value=None)             # no score: no champion
     assert store.champion_version("some-model") is None
     with pytest.raises(store.RegistryError, match="models:/some-model/7 is not in the registry"):
         store.resolve_model("some-model", version=7, cache_dir=tmp_path)
@@ -143,15 +157,14 @@ def test_unknown_and_unverifiable_versions_are_errors(tmp_path, store):
         store.resolve_model("some-model", version=2, cache_dir=tmp_path)
 
 
-def test_readme_one_liner_loads_a_registered_version(tmp_path, store):
+def test_readme_one_liner_loads_a_registered_version(tmp_path, store, tiny):
     """The README's snippet for MLflow users: any version by alias or number, loadable as is."""
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged = make_tiny_model(tmp_path / "merged", seed=3)
-    register(store, "readme-model", merged)
-    shutil.rmtree(merged)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    register(store, "readme-model", tiny)
+    shutil.rmtree(tiny)
+    mlflow.set_tracking_uri(f"sqlite:///{store.mlruns_dir() / 'mlflow.db'}")
     for uri in ("models:/readme-model@champion", "models:/readme-model/1"):
         path = mlflow.artifacts.download_artifacts(uri)
         model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
@@ -160,12 +173,6 @@ def test_readme_one_liner_loads_a_registered_version(tmp_path, store):
 
 
 # ----------------------------------------------------------------------------- through the flow
-
-@pytest.fixture(scope="module")
-def demo_tiny(tmp_path_factory):
-    from cut_core.demo_task import tokenizer_corpus
-    return make_tiny_model(tmp_path_factory.mktemp("base") / "model", tokenizer_corpus(n=300), vocab_size=256)
-
 
 def recurring_pipeline(workdir: Path, model: Path):
     from cut_core.dsl import FunctionJudge, Model, Objective, Online, Pipeline, Training
