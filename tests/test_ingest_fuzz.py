@@ -8,13 +8,22 @@ line number); every reject carries a known reason code, a detail and its raw tex
 itself, terminator stripped); each planted bad line is rejected with the reason code of its
 class; each good line becomes the triplet its record describes (instruction + input, polarity,
 contradiction flag, id = content_key), whatever the block and flush size.
+
+The second corpus (test_second_corpus_...) covers the inputs the first cannot: a BOM-marked
+UTF-16/32 JSONL file with undecodable and oversized lines and a name with glob characters next
+to the file that name would match as a glob, a Parquet file with a BINARY column holding
+non-UTF-8 values and oversized records, and a CSV with quoted delimiters, doubled quotes,
+newlines in fields and oversized records; each row ends in the one table and reason expected.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cut_core import ingest
@@ -169,4 +178,102 @@ def test_fuzzed_corpus_every_line_accounted_for(tmp_path, monkeypatch, seed, chu
     assert {n: tuple(rest) for n, *rest in got_triplets} == accepted
     assert report.contradictions == sum(1 for e in accepted.values() if e[5])
     assert report.unlabeled == sum(1 for e in accepted.values() if e[4] is None)
+    con.close()
+
+
+# ---------------------------------------------------------------- the second corpus: bad inputs by format
+
+WIDE = {"utf-16-le": (b"\xff\xfe", [b"\x00\xd8x\x00", b"\x00\xdc"]), "utf-16-be": (b"\xfe\xff", [b"\xd8\x00\x00x"]),
+        "utf-32-le": (b"\xff\xfe\x00\x00", [b"\x00\x00\x11\x00", b"\x00\xd8\x00\x00"]),
+        "utf-32-be": (b"\x00\x00\xfe\xff", [b"\x00\x11\x00\x00"])}
+MAX_RECORD = 4096
+
+
+def wide_corpus(rng: random.Random, codec: str, lines: int):
+    """(bytes, expected) of a BOM-marked UTF-16/32 JSONL file with undecodable and oversized lines."""
+    bom, bad_units = WIDE[codec]
+    out, expected, seen = [], {}, set()
+    for n in range(1, lines + 1):
+        roll = rng.random()
+        rec, polarity, _ = good_record(rng)
+        rec.pop("judgment", None)
+        if roll < 0.03:
+            out.append(rng.choice(["", "  "]).encode(codec))
+            continue
+        if roll < 0.12:
+            text = json.dumps(rec, ensure_ascii=False)
+            cut = rng.randint(1, len(text) - 1)
+            out.append(text[:cut].encode(codec) + rng.choice(bad_units) + text[cut:].encode(codec))
+            expected[n] = ("reject", "invalid_encoding")
+            continue
+        if roll < 0.18:
+            rec["output"] = "y" * rng.randint(MAX_RECORD, 3 * MAX_RECORD)
+            expected[n] = ("reject", "oversized")
+        out.append(json.dumps(rec, ensure_ascii=rng.random() < 0.5).encode(codec))
+        if n not in expected:
+            instruction = rec["instruction"] + ("\n" + rec["input"] if rec.get("input", "").strip() else "")
+            key = wh.content_key(instruction, rec["output"], None)
+            expected[n] = ("reject", "duplicate") if key in seen else ("accept", instruction)
+            seen.add(key)
+    newline = "\n".encode(codec)
+    return bom + newline.join(out) + newline, expected
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14])
+def test_second_corpus_encodings_binary_sizes_and_literal_names(tmp_path, monkeypatch, seed):
+    rng = random.Random(seed)
+    monkeypatch.setattr(ingest, "CHUNK_BYTES", rng.choice([8192, 65536, ingest.CHUNK_BYTES]))
+    codec = list(WIDE)[seed % len(WIDE)]
+    data, expected_wide = wide_corpus(rng, codec, 600)
+    wide_path = tmp_path / f"wide[{seed}].jsonl"          # a literal name with glob characters
+    wide_path.write_bytes(data)
+    (tmp_path / f"wide{seed}.jsonl").write_text('{"instruction": "decoy", "output": "x"}\n')
+
+    # Parquet: a BINARY instruction column, some values not UTF-8, some records too long.
+    instructions, responses, expected_pq = [], [], {}
+    for n in range(1, 301):
+        ins = text(rng).encode()
+        kind = rng.random()
+        if kind < 0.1:
+            ins = ins[:3] + rng.choice([b"\xff", b"\xc3(", b"\xed\xa0\x80"]) + ins[3:]
+            expected_pq[n] = ("reject", "wrong_type")
+        response = text(rng, 1, 100) + ("z" * 2 * MAX_RECORD if 0.1 <= kind < 0.15 else "") + f" #{n}"
+        if 0.1 <= kind < 0.15:
+            expected_pq[n] = ("reject", "oversized")
+        if n not in expected_pq:
+            expected_pq[n] = ("accept", ins.decode())
+        instructions.append(ins)
+        responses.append(response)
+    pq_path = tmp_path / f"bin?{seed}.parquet"
+    pq.write_table(pa.table({"instruction": pa.array(instructions, pa.binary()), "response": responses}), pq_path)
+
+    # CSV: quoted fields with delimiters, doubled quotes and newlines; oversized records.
+    csv_rows, expected_csv = ["instruction,output"], {}
+    for n in range(1, 301):
+        ins = text(rng).replace("\r", " ")
+        out = text(rng, 1, 60).replace("\r", " ") + f" #{n}"
+        if rng.random() < 0.05:
+            out += "w" * 2 * MAX_RECORD
+            expected_csv[n] = ("reject", "oversized")
+        else:
+            expected_csv[n] = ("accept", ins)
+        csv_rows.append(",".join('"' + v.replace('"', '""') + '"' for v in (ins, out)))
+    csv_path = tmp_path / f"q*{seed}.csv"
+    csv_path.write_text("\n".join(csv_rows) + "\n", encoding="utf-8")
+
+    con = wh.connect(tmp_path / "wh.duckdb")
+    report = ingest.ingest_files(con, Source(paths=[str(wide_path), str(pq_path), str(csv_path)]), batch="fuzz2",
+                                 max_record_bytes=MAX_RECORD)
+    assert [Path(f.path).name for f in report.files] == [wide_path.name, pq_path.name, csv_path.name]
+    for path, expected in ((wide_path, expected_wide), (pq_path, expected_pq), (csv_path, expected_csv)):
+        got_rejects = dict(con.execute("SELECT row_number, reason FROM rejects WHERE source = ?", [str(path)]).fetchall())
+        got_triplets = dict(con.execute("SELECT row_number, instruction FROM triplets WHERE source = ?",
+                                        [str(path)]).fetchall())
+        assert not set(got_rejects) & set(got_triplets), "a row in both tables"
+        assert {n: ("reject", r) for n, r in got_rejects.items()} | {n: ("accept", i) for n, i in got_triplets.items()} \
+            == expected, path.name
+        details = con.execute("SELECT reason, detail, raw FROM rejects WHERE source = ?", [str(path)]).fetchall()
+        assert all(d and raw is not None for _, d, raw in details)
+        assert all(codec.upper() in d for r, d, _ in details if r == "invalid_encoding")
+    assert report.rows_read == sum(len(e) for e in (expected_wide, expected_pq, expected_csv))
     con.close()

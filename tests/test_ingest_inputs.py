@@ -281,3 +281,12 @@ def test_cli_ingest_of_a_missing_file_is_one_line_without_traceback(tmp_path):
     assert out.stderr.strip() == "error: source file not found: /missing.json"
     assert "Traceback" not in out.stdout + out.stderr
     assert not (tmp_path / "w.duckdb").exists()     # nothing was opened, no server started
+
+
+def test_content_key_in_sql_equals_the_python_one():
+    """Ids computed by DuckDB (ingest, judged generations) equal warehouse.content_key."""
+    sql_con = duckdb.connect()
+    for parts in [("q", "a", None), ("Ünï\ncode 🙂", "", "Wrong."), ("x\x00y", "r", "")]:
+        [(got,)] = sql_con.execute(f"SELECT {wh.content_key_sql('$a', '$b', '$c')}",
+                                   {"a": parts[0], "b": parts[1], "c": parts[2]}).fetchall()
+        assert got == wh.content_key(*parts)
