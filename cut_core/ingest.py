@@ -672,6 +672,22 @@ def _read_csv(cur: duckdb.DuckDBPyConnection, path: Path, source: dsl.Source,
 
 # ---------------------------------------------------------------- checking and writing
 
+class _Stream:
+    """An Arrow table that DuckDB reads through the Arrow C stream interface, once per scan.
+
+    con.register() of a table inside a transaction keeps the table alive until the commit (the
+    catalog keeps a dropped view for the transaction), so a large file, written in one
+    transaction, would keep every block in memory until the end. Registering this holder and
+    dropping its table once the chunk is written leaves only the empty holder behind.
+    """
+
+    def __init__(self, table: pa.Table):
+        self.table: pa.Table | None = table
+
+    def __arrow_c_stream__(self, requested_schema=None):
+        return self.table.__arrow_c_stream__(requested_schema)
+
+
 def _count(report: FileReport, reason: str | None, polarity: str | None, contradiction: bool | None, n: int) -> None:
     if reason == "blank":
         report.blank_lines += n
@@ -757,7 +773,9 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
             chunk = next(chunks, None)
             if chunk is None:
                 break
-            con.register("_ingest_chunk", chunk)
+            stream = _Stream(chunk)
+            del chunk
+            con.register("_ingest_chunk", stream)
             try:
                 con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sql}")
                 _explain_json_errors(con)
@@ -769,7 +787,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
                     _count(report, reason, polarity, contradiction, n)
             finally:
                 con.unregister("_ingest_chunk")
-            del chunk
+                stream.table = None     # the block goes now, not at the commit
             con.execute("DROP TABLE _ingest_checked")
             seconds["write"] += time.perf_counter() - t
         t = time.perf_counter()
