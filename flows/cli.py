@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="serve a scheduled deployment of a pipeline (needs `prefect server start`)")
+    p = sub.add_parser("serve", help="serve a scheduled deployment of a pipeline (needs `prefect server start`); "
+                       "its runs run this declaration, with at most iterations / prompts_per_iteration overridden")
     p.add_argument("pipeline")
     p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
     p.set_defaults(func=cmd_serve)

@@ -2,7 +2,9 @@
 
 Each iteration the current model answers 1000 new Alpaca instructions, the judge writes a
 judgment ("Perfect" means positive), CUT trains on the triplets and the merged model carries on.
-Set OPENAI_API_KEY (or name a Prefect Secret in api_key_secret) and CUT_ALIGN_MODEL.
+Set OPENAI_API_KEY (or name a Prefect Secret in api_key_secret) and CUT_ALIGN_MODEL. OPENAI_API_KEY
+goes to https://api.openai.com only: for another endpoint (CUT_ALIGN_JUDGE_URL), name the variable
+holding its key in api_key_env.
 """
 
 import os
