@@ -32,6 +32,15 @@
     /proc/self/clear_refs after the logits exist), so the figure is what the process really
     held, allocator included. With CUDA, torch.cuda.max_memory_allocated is used instead.
     Bar: <= 0.5.
+(d) fused_peak_memory_ratio / fused_time_ratio — a whole CUT LoRA step (both passes, forward and
+    backward, CUTTrainer.compute_loss) with gold log-probs from hidden states (logprob_path='fused')
+    over the same step with materialized logits, on a Qwen2-like model with a real vocabulary
+    (V = 152,064 as Qwen2, and 49,152 as SmolLM2; hidden 256, 2 layers, tied embeddings, random
+    weights), T = 2048, 1024 response tokens per pass. Memory: VmHWM above the resident set once
+    model and batch exist, each variant in a fresh subprocess (CUDA: max_memory_allocated is not
+    used here; this is the CPU figure). Time: single-threaded process CPU time, variants
+    interleaved, median of 3 steps. The memory headline is at V = 152k; the time headline is the
+    worse of the two vocabularies. Bars: <= 0.5 and <= 1.15.
 """
 
 from __future__ import annotations
@@ -228,6 +237,95 @@ def loss_memory() -> dict:
             "memory_device": out["chunked"]["device"]}
 
 
+# ---------------------------------------------------------------- (d) fused log-probs on a real vocabulary
+
+FUSED_CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[5])
+import torch
+mode, vocab, path, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(threads)
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from cut_core.trainer import CUTCollator, CUTConfig, CUTTrainer, Record, RecordDataset
+
+T, RESPONSE, JUDGMENT = 2048, 1024, 64
+torch.manual_seed(0)
+config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                     max_position_embeddings=T, attn_implementation="sdpa")
+model = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                       target_modules="all-linear", task_type="CAUSAL_LM")).train()
+g = torch.Generator().manual_seed(0)
+ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()
+prompt, judgment, response = ids(T - RESPONSE - JUDGMENT), ids(JUDGMENT), ids(RESPONSE)
+# One CUT pair: Align-N [x, j-] + y (T tokens) and Misalign x + y (T - 64), 1024 response tokens each.
+record = Record("cut", "r", prompt + response, len(prompt), prompt + judgment + response, len(prompt) + JUDGMENT)
+batch = CUTCollator(pad_token_id=0)([record])
+trainers = {p: CUTTrainer(model=model, args=CUTConfig(output_dir="/tmp/fused-bench", logprob_path=p, threshold=1.1,
+                                                      alpha=1.0, report_to="none", dataloader_pin_memory=False),
+                          train_dataset=RecordDataset([record]))
+            for p in (["fused", "materialized"] if mode == "time" else [path])}
+
+def step(p):
+    trainers[p].compute_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+
+def rss_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+
+if mode == "memory":
+    base = rss_kb("VmRSS:") * 1024
+    open("/proc/self/clear_refs", "w").write("5")   # reset VmHWM to the current RSS
+    step(path)
+    print(json.dumps({"extra_bytes": rss_kb("VmHWM:") * 1024 - base, "base_bytes": base}))
+else:
+    for p in trainers:   # warm-up (and the fused head's one-time check)
+        step(p)
+    times = {p: [] for p in trainers}
+    for _ in range(int(os.environ.get("FUSED_REPEATS", "3"))):
+        for p in trainers:   # interleaved
+            t0 = time.process_time()
+            step(p)
+            times[p].append(time.process_time() - t0)
+    print(json.dumps(times))
+"""
+
+
+def fused_vs_materialized(vocabs=(152064, 49152), repeats: int = 3) -> dict:
+    """A CUT LoRA step (both passes, forward + backward) on a Qwen2-like model with a real
+    vocabulary (hidden 256, 2 layers, tied embeddings, random weights), T = 2048, 1024 response
+    tokens per pass: fused log-probs vs materialized logits.
+
+    Memory: each variant in a fresh subprocess (2 threads); the figure is the kernel's resident-set
+    high-water mark (VmHWM, reset through /proc/self/clear_refs once the model and batch exist)
+    above the resident set at that moment: what the step itself added, allocator included.
+    Time: one subprocess, single thread, the variants interleaved step by step after a warm-up,
+    median process CPU time of `repeats` steps each (wall time on the shared box measures the
+    neighbours)."""
+    out = {}
+    for vocab in vocabs:
+        memory = {}
+        for path in ("fused", "materialized"):
+            proc = subprocess.run([sys.executable, "-c", FUSED_CHILD, "memory", str(vocab), path, "2", str(REPO)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"fused memory child failed:\n{proc.stderr[-3000:]}")
+            memory[path] = json.loads(proc.stdout.strip().splitlines()[-1])["extra_bytes"]
+        proc = subprocess.run([sys.executable, "-c", FUSED_CHILD, "time", str(vocab), "-", "1", str(REPO)],
+                              capture_output=True, text=True, env={**os.environ, "FUSED_REPEATS": str(repeats)})
+        if proc.returncode:
+            raise RuntimeError(f"fused time child failed:\n{proc.stderr[-3000:]}")
+        times = {k: statistics.median(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+        out[vocab] = {"peak_memory_ratio": round(memory["fused"] / memory["materialized"], 3),
+                      "extra_peak_mib": {k: round(v / 2**20) for k, v in memory.items()},
+                      "time_ratio": round(times["fused"] / times["materialized"], 3),
+                      "step_cpu_s": {k: round(v, 2) for k, v in times.items()}}
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 def main() -> None:
@@ -267,15 +365,22 @@ def main() -> None:
     print("speed:", json.dumps(speed))
     memory = loss_memory()
     print("memory:", json.dumps(memory))
+    fused = fused_vs_materialized()
+    print("fused:", json.dumps(fused))
+    big = fused[max(fused)]
 
     result = {"cut_vs_mle_time_ratio": round(speed["cut_vs_mle_time_ratio"], 3),
               "padding_efficiency": pad["padding_efficiency"],
               "reference_padding_efficiency": pad["reference_padding_efficiency"],
               "loss_memory_ratio": round(memory["loss_memory_ratio"], 3),
+              "fused_peak_memory_ratio": big["peak_memory_ratio"],
+              "fused_time_ratio": max(v["time_ratio"] for v in fused.values()),
+              "fused_by_vocab": {str(k): v for k, v in fused.items()},
               **{k: v for k, v in pad.items() if k not in ("padding_efficiency", "reference_padding_efficiency")},
               **{k: v for k, v in speed.items() if k != "cut_vs_mle_time_ratio"},
               **{k: v for k, v in memory.items() if k != "loss_memory_ratio"},
-              "bars": {"cut_vs_mle_time_ratio": "<= 1.10", "padding_efficiency": ">= 0.90", "loss_memory_ratio": "<= 0.5"},
+              "bars": {"cut_vs_mle_time_ratio": "<= 1.10", "padding_efficiency": ">= 0.90", "loss_memory_ratio": "<= 0.5",
+                       "fused_peak_memory_ratio": "<= 0.5 (V=152k)", "fused_time_ratio": "<= 1.15"},
               "wall_s": round(time.time() - t0, 1)}
     print(json.dumps(result))
 
