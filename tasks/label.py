@@ -19,7 +19,7 @@ from prefect import task
 from cut_core.dsl import Pipeline
 from cut_core.judges import (DEFAULT_FAILED_MARKERS, DEFAULT_POSITIVE_PREFIXES, Judge, apply_judgments,
                              build_judge, label_pending, unlabeled_triplets)
-from cut_core import warehouse
+from cut_core import warehouse as wh
 from cut_core.warehouse import connect
 from cut_core.warehouse import triplet_sources as warehouse_sources
 from tasks.logs import task_logger
@@ -105,14 +105,14 @@ def judge_pairs(pipeline_json: str, warehouse: str, generations: str, batch: str
     con = connect(warehouse)
     try:
         counts = label_pending(con, judge, frame.select("instruction", "response").rows())
-        judged = warehouse.judgments_of(con, judge.name, frame.to_arrow())
+        judged = wh.judgments_of(con, judge.name, frame.to_arrow())
         ok = (judged["status"] == "ok").fill_null(False)
         rows = judged.with_columns(
             judgment=pl.when(ok).then(pl.col("judgment")),
             polarity=pl.when(ok).then(pl.col("polarity")),
         )
         # The one insert path for triplets (the same ids and duplicate rule as file ingest).
-        added = warehouse.add_judged(con, rows.select("prompt_index", "instruction", "response", "judgment",
+        added = wh.add_judged(con, rows.select("prompt_index", "instruction", "response", "judgment",
                                                      "polarity").to_arrow(), source=generations, batch=batch)
     finally:
         con.close()
