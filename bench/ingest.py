@@ -236,14 +236,18 @@ def run_floor(data: Path, wh: Path) -> dict:
             "peak_rss_mb": _rss_mb(), "rows_stored": rows}
 
 
-def startup_seconds(workdir: Path, prefect: bool) -> float:
-    """Wall seconds of `cut-align ingest` on a one-line file: the command's fixed cost."""
+def startup_seconds(workdir: Path, prefect: bool) -> float | str:
+    """Wall seconds of `cut-align ingest` on a one-line file: the command's fixed cost (or, when
+    the command failed, its last line of error)."""
     one = workdir / "one.jsonl"
     one.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
     wh = workdir / f"startup-{prefect}.duckdb"
     cmd = [sys.executable, "-m", "flows.cli", "ingest", str(one), "--warehouse", str(wh)]
     t0 = time.perf_counter()
-    subprocess.run(cmd + ([] if prefect else ["--no-prefect"]), check=True, capture_output=True, cwd=ROOT)
+    out = subprocess.run(cmd + ([] if prefect else ["--no-prefect"]), capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        lines = [line for line in out.stderr.splitlines() if line.startswith("error")] or out.stderr.splitlines()
+        return f"failed after {time.perf_counter() - t0:.1f}s: {lines[-1] if lines else out.returncode}"
     return round(time.perf_counter() - t0, 2)
 
 

@@ -158,6 +158,12 @@ def cmd_ingest(args) -> int:
     except (IngestError, WarehouseBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if "Prefect API server" not in str(err):
+            raise
+        print(f"error: {err} (the machine may be too busy for Prefect's temporary server; retry, or ingest "
+              "without a flow run with --no-prefect)", file=sys.stderr)
+        return 2
     print(f"rows read {report['rows_read']}, accepted {report['accepted']} "
           f"({report['positives']} positive, {report['negatives']} negative, {report.get('unlabeled', 0)} unlabeled), "
           f"rejected {report['rejected']} {report['rejected_by_reason']}")
