@@ -73,20 +73,29 @@ def real_records(tokenizer, max_length: int = 2048, seed: int = 42):
     random.Random(seed).shuffle(positives)
     positives = positives[: len(negatives) // 4]
 
-    def encode(prompt: str, response: str):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length):]  # cut the prompt's left
-        return prompt_ids + response_ids, len(prompt_ids)
+    from cut_core import sequences
+
+    bos = sequences.bos_to_add(tokenizer)
+
+    def encode(prompt: str, response: str, reserve: int | None = None):
+        """As contrast.py builds examples (sequences.fit: prompt cut from the left, BOS kept; an
+        over-long response cut so that the prompt keeps its reserve)."""
+        fitted = sequences.fit(sequences.prompt_ids(tokenizer, [prompt])[0], sequences.response_ids(tokenizer, [response])[0],
+                               max_length, bos, reserve_prompt_length=reserve)
+        return fitted.input_ids, fitted.response_start
 
     records = []
     for r in negatives + positives:
         instruction = templates.format_instruction(r["instruction"], r["input"])
-        plain, plain_start = encode(templates.plain_prompt(instruction), r["output"])
+        plain_prompt = templates.plain_prompt(instruction)
         if r["judgment"]:
-            judged, judged_start = encode(templates.judge_prompt(instruction, r["judgment"]), r["output"])
+            judge_prompt = templates.judge_prompt(instruction, r["judgment"])
+            reserve = len(sequences.prompt_ids(tokenizer, [judge_prompt])[0])  # the twins cut y alike
+            plain, plain_start = encode(plain_prompt, r["output"], reserve)
+            judged, judged_start = encode(judge_prompt, r["output"], reserve)
             records.append(Record("cut", str(r["id"]), plain, plain_start, judged, judged_start))
         else:
+            plain, plain_start = encode(plain_prompt, r["output"])
             records.append(Record("nll", str(r["id"]), plain, plain_start))
     return records, rows
 
