@@ -18,8 +18,9 @@ online declaration is a new round (recurring=True): it starts from the registere
 champion and takes instructions no earlier round used.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the served flow travels to each run's process by
+# value (cloudpickle), and its parameter annotation must be the RunOverrides class itself, not a
+# string the other process cannot resolve.
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
