@@ -146,16 +146,16 @@ def test_real_model_runs_the_online_pipeline_end_to_end(smollm2, tmp_path, prefe
 
     monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "mlruns"))
     declared = load_pipeline(ROOT / "pipelines" / "smollm2_constraints_online.py")
-    # The declaration as shipped, cut to CPU-test size: 8 prompts, 16 new tokens, one step of 8.
+    # The declaration as shipped, cut to CPU-test size: 6 prompts, 12 new tokens, one optimizer step.
     pipeline = declared.model_copy(update={
         "workdir": str(tmp_path / "work"),
-        "model": declared.model.model_copy(update={"path": str(smollm2), "max_length": 160}),
-        "training": declared.training.model_copy(update={"micro_batch_size": 4, "gradient_accumulation": 2,
+        "model": declared.model.model_copy(update={"path": str(smollm2), "max_length": 128}),
+        "training": declared.training.model_copy(update={"micro_batch_size": 4, "gradient_accumulation": 4,
                                                          "warmup_steps": 0, "logging_steps": 1}),
-        "online": declared.online.model_copy(update={"iterations": 1, "prompts_per_iteration": 8,
-                                                     "max_new_tokens": 16, "generation_batch_size": 8}),
-        "evaluation": declared.evaluation.model_copy(update={"max_prompts": 10, "max_new_tokens": 16, "samples": 10,
-                                                             "min_judged": 10}),
+        "online": declared.online.model_copy(update={"iterations": 1, "prompts_per_iteration": 6,
+                                                     "max_new_tokens": 12, "generation_batch_size": 6}),
+        "evaluation": declared.evaluation.model_copy(update={"max_prompts": 4, "max_new_tokens": 12, "samples": 4,
+                                                             "min_judged": 4}),
     })
     threads = torch.get_num_threads()
     try:
@@ -165,16 +165,16 @@ def test_real_model_runs_the_online_pipeline_end_to_end(smollm2, tmp_path, prefe
 
     root = Path(pipeline.workdir) / "runs" / result["run_key"]
     generations = __import__("polars").read_parquet(root / "iter-1" / "generate" / "generations.parquet")
-    assert generations.height == 8 and generations["response"].str.len_chars().min() > 0  # the model answered
+    assert generations.height == 6 and generations["response"].str.len_chars().min() > 0  # the model answered
     judged = json.loads((root / "iter-1" / "judge" / "RESULT.json").read_text())
-    assert judged["labeled"] == 8
+    assert judged["labeled"] == 6
     trained = json.loads((root / "iter-1" / "train" / "RESULT.json").read_text())
     assert trained["steps"] >= 1 and trained["history"] and all(r["loss"] == r["loss"] for r in trained["history"])
     merged = Path(trained["merged"])
     assert (merged / "config.json").exists() and (merged / "tokenizer_config.json").exists()
     assert not (merged / "adapter_config.json").exists()  # a merged model, not an adapter
     samples = json.loads((root / "iter-1" / "evaluate" / "samples.json").read_text())
-    assert len(samples) == 10
+    assert len(samples) == 4
     for s in samples:  # the flow's judgments are the verifier's on the model's own answers
         assert s["judgment"] == ct.judge(s["instruction"], s["response"])
     rate = sum(ct.is_satisfied(s["instruction"], s["response"]) for s in samples) / len(samples)
