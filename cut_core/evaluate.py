@@ -30,6 +30,7 @@ import torch
 
 from cut_core import sequences, templates
 from cut_core.generate import generate
+from cut_core.errors import UserError
 from cut_core.judges import NEGATIVE, POSITIVE, Judge, score_refusal, scrub_result
 from cut_core.loss import cut_token_loss
 
@@ -119,7 +120,7 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 # ---------------------------------------------------------------- the evaluation
 
-class EvaluationRefused(RuntimeError):
+class EvaluationRefused(UserError, RuntimeError):
     """An evaluation whose judge calls failed too often to give a score: no score, no promotion.
     `metrics` holds the counts (judged, failed_judgments) for the record."""
 

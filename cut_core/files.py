@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from cut_core.errors import UserError
+
 LOCK = "LOCK"
 
 
@@ -90,8 +92,8 @@ def publish_dir(tmp: str | Path, out: str | Path) -> Path:
 
 # ---------------------------------------------------------------- the run lock
 
-class RunLocked(RuntimeError):
-    """Another live process holds this run folder's lock."""
+class RunLocked(UserError, RuntimeError):
+    """Another live process holds this run folder's lock (one line: who, and what to do)."""
 
 
 def _alive(pid: int) -> bool:
