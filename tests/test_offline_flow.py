@@ -48,9 +48,53 @@ def test_offline_cut_on_cut_online_iter1(tmp_path, shared_data, tiny_model, pref
     assert history and all(row["loss"] == row["loss"] for row in history if "loss" in row)
     assert any("flagged_fraction" in row for row in history), "CUT logged no flagged-token fraction"
 
+    # the registered model is the base plus the trained adapter, and training moved it
+    import pyarrow.parquet as pq
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cut_core import templates
+    from cut_core.generate import encode_prompts
+
     model, tokenizer = load_model(iteration["model"])
-    outputs = generate(model, tokenizer, ["Give three tips for staying healthy."], max_new_tokens=8, batch_size=1)
-    assert len(outputs) == 1 and isinstance(outputs[0], str)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    probe = torch.tensor(tokenizer("Give three tips for staying healthy.")["input_ids"])[None]
+    with torch.no_grad():
+        merged_logits, base_logits = model(input_ids=probe).logits, base(input_ids=probe).logits
+        adapted = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), train_dir / "adapter").eval()
+        torch.testing.assert_close(merged_logits, adapted(input_ids=probe).logits, atol=1e-4, rtol=1e-4)
+    assert (merged_logits - base_logits).abs().max() > 1e-3, "the merged model equals the base: nothing was trained"
+
+    # CUT keeps maximum likelihood on the positives: the trained model gives their responses a lower NLL
+    examples = pq.read_table(next((tmp_path / "work" / "examples").glob("*.parquet"))).to_pylist()
+
+    def response_nll(m) -> float:
+        with torch.no_grad():
+            per_row = []
+            for row in [r for r in examples if r["kind"] == "align_p"][:40]:
+                ids = torch.tensor(row["input_ids"])[None]
+                logp = m(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+                per_row.append(-logp[row["response_start"] - 1:].mean())
+            return torch.stack(per_row).mean().item()
+
+    assert response_nll(model) < response_nll(base) - 0.01
+
+    # generation answers with the trained model's own greedy continuation of the plain prompt
+    instruction = "Give three tips for staying healthy."
+    outputs = generate(model, tokenizer, [instruction], max_new_tokens=8, batch_size=1)
+    ids = torch.tensor(encode_prompts(tokenizer, [templates.render("plain", "alpaca", instruction,
+                                                                      tokenizer=tokenizer)]))
+    new = []
+    with torch.no_grad():
+        for _ in range(8):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    assert len(outputs) == 1 and outputs[0] == tokenizer.decode(new, skip_special_tokens=True).strip()
 
     # the examples were built from the 953 accepted triplets: 240 negatives, Align-P downsampled to 60
     stats = json.loads(next((tmp_path / "work" / "examples").glob("*.json")).read_text())
