@@ -151,6 +151,58 @@ def judge(instruction: str, response: str) -> str | None:
     return f"{what}: {why}."
 
 
+# ---------------------------------------------------------------- control judgments
+
+# Controls that show whether CUT learns from what a judgment *says* (bench/quality.py --controls).
+# Each keeps the verifier's polarity (which answers are wrong) and changes only the text.
+TERSE_JUDGMENT = "The answer is wrong."
+CONTROLS = ("swapped", "terse", "digit_only")
+
+
+def judge_terse(instruction: str, response: str) -> str | None:
+    """Control: the verifier's verdict with no content ("The answer is wrong.")."""
+    return None if judge(instruction, response) is None else TERSE_JUDGMENT
+
+
+def judge_digit_only(instruction: str, response: str) -> str | None:
+    """Control: names the wrong digit only, without why ("The tens digit is wrong.")."""
+    text = judge(instruction, response)
+    return None if text is None else text.split(":", 1)[0].rstrip(".") + "."
+
+
+def swap_judgments(instructions: list[str], judgments: list[str | None], seed: int = 0) -> list[str | None]:
+    """Control: every negative gets the judgment of another problem's wrong answer (a random
+    permutation of the negatives' judgments in which no problem keeps its own); positives stay
+    positive (None). Fewer than two negatives: nothing to swap with, returned unchanged."""
+    neg = [i for i, j in enumerate(judgments) if j is not None]
+    if len(neg) < 2:
+        return list(judgments)
+    rng = random.Random(seed)
+    order = neg[:]
+    while True:  # a derangement over problems (expected ~e tries)
+        rng.shuffle(order)
+        if all(instructions[a] != instructions[b] for a, b in zip(neg, order)):
+            break
+    out = list(judgments)
+    for a, b in zip(neg, order):
+        out[a] = judgments[b]
+    return out
+
+
+def control_judgments(control: str | None, instructions: list[str], responses: list[str],
+                      seed: int = 0) -> list[str | None]:
+    """The verifier's judgments of (instruction, response) pairs, or a control's (CONTROLS)."""
+    if control in (None, "none"):
+        return [judge(x, y) for x, y in zip(instructions, responses)]
+    if control == "terse":
+        return [judge_terse(x, y) for x, y in zip(instructions, responses)]
+    if control == "digit_only":
+        return [judge_digit_only(x, y) for x, y in zip(instructions, responses)]
+    if control == "swapped":
+        return swap_judgments(instructions, [judge(x, y) for x, y in zip(instructions, responses)], seed)
+    raise ValueError(f"unknown control {control!r}; expected one of {CONTROLS}")
+
+
 # ---------------------------------------------------------------- warm start ("the base model")
 
 POSITIVE_JUDGMENT = "Perfect."           # judge-template warm-start examples with a right answer
