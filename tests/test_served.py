@@ -90,6 +90,23 @@ def test_a_served_run_cannot_supply_a_declaration_or_code(tmp_path, prefect_harn
     assert not sentinel.exists(), "the evil declaration ran"
     assert not (tmp_path / "work").exists(), "the served pipeline did work for a refused run"
 
+    # The allowed run, started as the deployment's runner starts it (the flow object, sent by value
+    # to a fresh process): it runs the served declaration with iterations=2. The model folder does
+    # not exist, so it stops at generation, after it has opened its run folder.
+    from prefect.flow_engine import run_flow_in_subprocess
+
+    from flows.serve import apply_overrides
+    from tasks.stages import run_key
+
+    process = run_flow_in_subprocess(served_flow(served), flow_run=allowed, parameters=allowed.parameters)
+    process.join(timeout=300)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(allowed.id).state
+    assert state.is_failed(), state
+    key = run_key(apply_overrides(served.to_json(), {"iterations": 2}).to_json())
+    assert [p.name.startswith(key + "-") for p in (tmp_path / "work" / "runs").iterdir()] == [True]
+    assert not sentinel.exists()
+
 
 def test_overrides_change_only_what_they_name(tmp_path, monkeypatch):
     import flows.serve as serve
