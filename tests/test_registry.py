@@ -174,6 +174,28 @@ def test_readme_one_liner_loads_a_registered_version(tmp_path, store, tiny):
 
 # ----------------------------------------------------------------------------- through the flow
 
+@pytest.fixture
+def flow_log():
+    """Messages of the flow runs' loggers (prefect.flow_runs) while the test runs."""
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+        @property
+        def text(self) -> str:
+            return "\n".join(self.lines)
+
+    import flows.align  # noqa: F401 - its imports (re)configure logging: attach after them
+    handler, logger = Lines(), logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
 def recurring_pipeline(workdir: Path, model: Path):
     from cut_core.dsl import FunctionJudge, Model, Objective, Online, Pipeline, Training
     return Pipeline(
@@ -191,21 +213,20 @@ def recurring_pipeline(workdir: Path, model: Path):
 
 @pytest.mark.slow
 def test_recurring_round_starts_from_the_champion_after_local_models_are_deleted(
-        tmp_path, store, demo_tiny, prefect_harness, monkeypatch, caplog):
+        tmp_path, store, demo_tiny, prefect_harness, monkeypatch, flow_log):
     import flows.align as align
 
     pipeline = recurring_pipeline(tmp_path / "work", demo_tiny)
-    caplog.set_level(logging.INFO)
 
     # round 1: nothing registered yet, so the declared base, and the log says so
     monkeypatch.setattr(align, "scheduled_round", lambda: "round1")
     first = align.online_align(pipeline.to_json(), pipeline.name, recurring=True)
     assert first["start_model"] == {"base": str(demo_tiny)}
-    assert f"no champion for recurring-test yet: starting from the declared base {demo_tiny}" in caplog.text
+    assert f"no champion for recurring-test yet: starting from the declared base {demo_tiny}" in flow_log.text
     # iteration 2 started from iteration 1's registered version, verified
     assert [it["version"] for it in first["iterations"]] == [1, 2]
     assert first["iterations"][1]["start_model"]["uri"] == "models:/recurring-test/1"
-    assert "recurring-test: iteration 2 starts from models:/recurring-test/1 (sha256 " in caplog.text
+    assert "recurring-test: iteration 2 starts from models:/recurring-test/1 (sha256 " in flow_log.text
 
     # without an evaluation nothing was promoted: promote version 1 (not the latest) by hand
     client = store.use_store()
@@ -219,15 +240,15 @@ def test_recurring_round_starts_from_the_champion_after_local_models_are_deleted
         shutil.rmtree(folder)
 
     # round 2: starts from the champion's registered weights, fetched from the store
-    caplog.clear()
+    flow_log.lines.clear()
     monkeypatch.setattr(align, "scheduled_round", lambda: "round2")
     second = align.online_align(pipeline.to_json(), pipeline.name, recurring=True)
     start = second["start_model"]
     assert (start["uri"], start["source"], start["digest"]) == ("models:/recurring-test/1", "download",
                                                                  champion_digest)
     assert weights_digest(start["path"]) == champion_digest
-    assert "no champion" not in caplog.text
-    assert f"starts from models:/recurring-test/1 (sha256 {champion_digest[:12]}" in caplog.text
+    assert "no champion" not in flow_log.text
+    assert f"starts from models:/recurring-test/1 (sha256 {champion_digest[:12]}" in flow_log.text
     round2 = tmp_path / "work" / "runs" / second["run_key"]
     trained_from = json.loads((round2 / "iter-1" / "train" / "out" / "train_config.json").read_text())
     assert trained_from["model_path"] == start["path"]
