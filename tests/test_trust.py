@@ -18,9 +18,11 @@ Proves that:
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +242,145 @@ def test_a_trickling_server_cannot_hold_a_call_past_its_deadline(server):
 def test_score_refusal(judged, failed, refused):
     got = score_refusal(judged, failed, max_failed_rate=0.05, min_judged=10)
     assert got is None if refused is None else refused in got
+
+
+# ---------------------------------------------------------------- end to end: no trace of the key, no promotion
+
+class FlowJudgeServer(EchoServer):
+    """The judge of a whole offline run. Labeling: 'label-good-*' is perfect, 'label-bad-*' wrong,
+    'label-echo' answers 401 echoing the key. Held-out 'held-K': the base model's evaluation (each
+    instruction's first call) is all wrong; the trained model's (later calls) fails for K < 10
+    with the key echoed, and is perfect for the 2 others: a 100% positive rate over 2 of 12."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[str, int] = {}
+
+    def answer(self, h, instruction: str, raw: bytes) -> None:
+        with self.lock:
+            n = self.seen[instruction] = self.seen.get(instruction, 0) + 1
+        if instruction.startswith("held-"):
+            k = int(instruction.split("-")[1])
+            if n == 1:
+                return self.send(h, 200, completion("Wrong: the answer is off."))
+            instruction = "echo" if k < 10 else "good"
+        elif instruction.startswith("label-"):
+            instruction = {"good": "good", "bad": "bad", "echo": "echo"}[instruction.split("-")[1]]
+        if instruction == "bad":
+            return self.send(h, 200, completion("Wrong: this does not answer the question."))
+        return super().answer(h, instruction, raw)
+
+
+def _stored_files(*roots) -> list:
+    out = []
+    for root in roots:
+        root = Path(root)
+        out += [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+    return out
+
+
+@pytest.mark.slow
+def test_an_echoed_key_leaves_no_trace_and_a_poorly_judged_model_is_not_promoted(
+        tmp_path, prefect_harness, monkeypatch, caplog):
+    import duckdb
+    from mlflow import MlflowClient
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import get_current_settings
+
+    from cut_core.dsl import Evaluation, LoRA, Model, Objective, Pipeline, Source, Training
+    from cut_core.evaluate import EvaluationRefused
+    from cut_core.tiny import make_tiny_model
+    from flows.align import offline_align
+    from tasks import tracking
+
+    class Collect(logging.Handler):  # every record Prefect and the libraries log, tracebacks included
+        lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(logging.Formatter("%(name)s %(message)s").format(record))
+
+    collector = Collect(logging.DEBUG)
+    loggers = [logging.getLogger(), logging.getLogger("prefect")]
+    for logger in loggers:
+        logger.addHandler(collector)
+    server = FlowJudgeServer()
+    server.thread.start()
+    try:
+        monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "mlruns"))
+        monkeypatch.setenv("TRUST_E2E_KEY", KEY)
+        rows = ([{"instruction": f"label-good-{i}", "response": f"a fine answer {i}"} for i in range(8)]
+                + [{"instruction": f"label-bad-{i}", "response": f"a poor answer {i}"} for i in range(8)]
+                + [{"instruction": "label-echo", "response": "anything"}])
+        (tmp_path / "unlabeled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / "heldout.jsonl").write_text("".join(json.dumps({"instruction": f"held-{k}"}) + "\n"
+                                                        for k in range(12)))
+        tiny = make_tiny_model(tmp_path / "tiny")
+        pipeline = Pipeline(
+            name="trust-e2e", workdir=str(tmp_path / "work"),
+            sources=[Source(paths=[str(tmp_path / "unlabeled.jsonl")], labeled=False)],
+            model=Model(path=str(tiny), max_length=128),
+            judge=dsl.OpenAIJudge(base_url=server.base_url, model="judge", api_key_env="TRUST_E2E_KEY",
+                                  max_retries=0, concurrency=4),
+            objective=Objective(name="cut", threshold=1.1, alpha=1.0), adapter=LoRA(r=4, alpha=8),
+            training=Training(learning_rate=1e-3, micro_batch_size=4, gradient_accumulation=1, warmup_steps=0,
+                              save_steps=1000, logging_steps=1),
+            evaluation=Evaluation(heldout=str(tmp_path / "heldout.jsonl"), max_prompts=12, max_new_tokens=4,
+                                  samples=12),
+        )
+        # A champion already exists (score 0.0): an unguarded 2-of-12 score of 100% would replace it.
+        seed_run = tracking.start_run("trust-e2e", "seed")
+        tracking.log_artifacts(seed_run, tiny, "model")
+        seed = tracking.register_version("trust-e2e", seed_run, "model", model_dir=tiny, metric="positive_rate",
+                                         value=0.0)
+        assert seed["champion"] and seed["version"] == 1
+
+        with pytest.raises(EvaluationRefused, match="10 of 12 judge calls failed") as refused:
+            offline_align(pipeline.to_json(), pipeline.name)
+        assert "No score and no promotion" in str(refused.value)
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+        for logger in loggers:
+            logger.removeHandler(collector)
+
+    # the key did reach the judge, and the judge did echo it back (else this test proves nothing)
+    assert any(r["headers"].get("Authorization") == f"Bearer {KEY}" for r in server.requests)
+    assert server.seen["label-echo"] == 1 and sum(server.seen[f"held-{k}"] for k in range(10)) == 20
+
+    # no promotion: the champion has not moved, and no version was registered for the refused model
+    client = MlflowClient(tracking.tracking_uri())
+    assert int(client.get_model_version_by_alias("trust-e2e", "champion").version) == 1
+    assert [int(v.version) for v in client.search_model_versions("name='trust-e2e'")] == [1]
+    (iteration,) = [r for r in client.search_runs([client.get_experiment_by_name("trust-e2e").experiment_id])
+                    if r.data.tags.get("cut_align.iteration") == "1"]
+    assert (iteration.data.metrics["eval.judged"], iteration.data.metrics["eval.failed_judgments"]) == (2, 10)
+    assert "eval.positive_rate" not in iteration.data.metrics
+    assert "10 of 12" in iteration.data.tags["cut_align.eval_refused"]
+
+    # the echoed key reached what the project stores, scrubbed
+    warehouse = tmp_path / "work" / "warehouse.duckdb"
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        errors = [e for (e,) in con.execute("SELECT error FROM judgments WHERE status = 'failed'").fetchall()]
+        dump = repr([con.execute(f'SELECT * FROM "{t}"').fetchall() for (t,) in con.execute("SHOW TABLES").fetchall()])
+    finally:
+        con.close()
+    assert len(errors) == 1 and "[redacted]" in errors[0]
+    samples = next((tmp_path / "work" / "runs").glob("*/iter-1/evaluate/samples.json")).read_text()
+    assert samples.count("[redacted]") == 10
+    assert KEY not in dump
+
+    # and nowhere in the bytes: warehouse, MLflow store (database and artifacts), run folders, logs
+    APILogHandler().flush()  # the flow's logs are in the Prefect database before it is read
+    db_url = get_current_settings().server.database.connection_url.get_secret_value()
+    prefect_db = Path(db_url.split("///", 1)[1])
+    prefect_files = list(prefect_db.parent.glob(prefect_db.name + "*"))
+    stored = _stored_files(tmp_path / "work", tmp_path / "mlruns") + prefect_files
+    assert warehouse in stored and prefect_db in stored and (tmp_path / "mlruns" / "mlflow.db") in stored
+    assert any("artifacts" in p.parts and "adapter" in p.parts for p in stored)  # the iteration's artifacts
+    assert any(b"10 of 12 judge calls failed" in p.read_bytes() for p in prefect_files)  # the run's logs are there
+    leaks = [str(p) for p in stored if KEY.encode() in p.read_bytes()]
+    assert leaks == []
+    logs = "\n".join(collector.lines) + caplog.text
+    assert "EvaluationRefused" in logs and "judge calls failed" in logs  # the logs hold the failures...
+    assert KEY not in logs                                       # ...and not the key
