@@ -167,7 +167,12 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     marker = output_dir / "COMPLETE"
     if marker.exists():  # checked before the heavy imports: a finished run costs nothing
         return {"output_dir": str(output_dir), "skipped": True, **json.loads(marker.read_text() or "{}")}
-    objective, adapter, training = validate_config(config)
+    from .errors import UserError
+
+    try:
+        objective, adapter, training = validate_config(config)
+    except ValueError as err:  # pydantic's ValidationError included: the config is the user's to fix
+        raise UserError(f"training config {output_dir / 'train_config.json'}: {err}".replace("\n", " ")) from err
 
     from .launch import join_process_group
 
@@ -221,6 +226,9 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     callbacks = [CompleteMarkerCallback(), JsonlHistory(), *([progress] if progress else []), *(callbacks or [])]
     # Seed before building the model: LoRA's A matrices are initialised randomly.
     set_seed(training.seed)
+    if not Path(config["model_path"], "config.json").exists():
+        raise UserError(f"model_path {config['model_path']} holds no model (no config.json); "
+                        "fix: point it at a Hugging Face model folder")
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
     if dpo:
         from .dpo import build_trainer
@@ -253,7 +261,12 @@ def _cut_trainer(config, objective, adapter, training, tokenizer, records, check
     """CUT and the MLE baselines: CUTTrainer on the examples' records."""
     from .trainer import CUTConfig, CUTTrainer, RecordDataset, load_model, training_arguments
 
-    model = load_model(config["model_path"], adapter, full_finetune=training.full_finetune)
+    from .errors import UserError
+
+    try:
+        model = load_model(config["model_path"], adapter, full_finetune=training.full_finetune)
+    except ValueError as err:  # LoRA targets that match nothing, an adapter-less non-full run
+        raise UserError(str(err)) from err
     args = CUTConfig(
         threshold=objective.threshold, alpha=objective.alpha, gamma=objective.gamma, weighting=objective.weighting,
         objective="self_distill" if objective.name == "self_distill" else "cut",
@@ -270,12 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m cut_core.train_cli CONFIG.json", file=sys.stderr)
         return 2
     config = json.loads(Path(argv[0]).read_text())
-    from .launch import ProcessGroupError
+    from .errors import UserError, one_line
 
     try:
         summary = run(config)
-    except ProcessGroupError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return USER_ERROR
     finally:
         _leave_process_group()
