@@ -84,6 +84,39 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, extra_tokens
         clean_up_tokenization_spaces=False, model_max_length=None)
 
 
+def _llama(*, vocab, hidden, inner, layers, heads, positions, special):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=positions,
+                       tie_word_embeddings=False, **special)
+
+
+def _gpt2(*, vocab, hidden, inner, layers, heads, positions, special):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=vocab, n_embd=hidden, n_inner=inner, n_layer=layers, n_head=heads,
+                      n_positions=positions, **special)
+
+
+def _gpt_neox(*, vocab, hidden, inner, layers, heads, positions, special):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=positions, tie_word_embeddings=False,
+                         **special)
+
+
+def _phi(*, vocab, hidden, inner, layers, heads, positions, special):
+    from transformers import PhiConfig
+
+    return PhiConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,
+                     num_attention_heads=heads, max_position_embeddings=positions, **special)
+
+
+ARCHITECTURES = {"llama": _llama, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "phi": _phi}
+
+
 def make_tiny_model(
     out_dir: str | Path,
     texts: Iterable[str] | None = None,
@@ -97,8 +130,9 @@ def make_tiny_model(
     seed: int = 0,
     extra_tokens: Iterable[str] = (),
     chat_template: str | None = None,
+    architecture: str = "llama",
 ) -> Path:
-    """Build a small LlamaForCausalLM + tokenizer in `out_dir` and return the folder.
+    """Build a small causal LM (a LlamaForCausalLM by default) + tokenizer in `out_dir` and return the folder.
 
     texts: the tokenizer's training corpus (default: DEFAULT_CORPUS). vocab_size is the BPE
         target before the template tokens and `extra_tokens` are added; the model's embedding
@@ -109,15 +143,21 @@ def make_tiny_model(
     extra_tokens: more strings to make single tokens (e.g. a task's fixed phrases).
     chat_template: optional Jinja chat template stored with the tokenizer (none by default, as
         with a plain local tokenizer).
+    architecture: one of ARCHITECTURES — 'llama' (untied head, gate/up/down MLP), 'gpt2' (Conv1D
+        layers, tied head, learned positions), 'gpt_neox' (fused qkv, dense_h_to_4h MLP), 'phi'
+        (fc1/fc2 MLP, head with a bias): the shapes a real user's model may have.
     The folder loads offline with AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir).
     It is built aside and renamed into place whole (cut_core.files.build_dir): `out_dir` never
     holds a config.json without its weights. An existing model folder there is replaced; an
     existing non-empty folder that is not a model is refused (FileExistsError).
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from cut_core.files import build_dir
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r} is not one of {sorted(ARCHITECTURES)}")
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
@@ -127,23 +167,15 @@ def make_tiny_model(
     if chat_template is not None:
         tokenizer.chat_template = chat_template
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = ARCHITECTURES[architecture](
+        vocab=len(tokenizer), hidden=hidden_size, inner=intermediate_size, layers=num_layers, heads=num_heads,
+        positions=max_position_embeddings,
+        special=dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id))
     # Seed only for the weights, restoring the caller's RNG state afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False)

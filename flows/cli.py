@@ -72,7 +72,10 @@ def describe(pipeline) -> str:
     lines.append(f"  objective   {objective_summary(p.objective)}")
     lines.append("  adapter     " + ("full fine-tune" if p.training.full_finetune else
                                      f"LoRA r={p.adapter.r} alpha={p.adapter.alpha} on {p.adapter.target_modules}"))
+    from cut_core.launch import describe as describe_launch
+
     t = p.training
+    lines.append(f"  launch      {describe_launch(p.launch)}")
     lines.append(f"  training    lr {t.learning_rate}, {t.epochs} epoch(s), batch {t.micro_batch_size}x{t.gradient_accumulation}, "
                  f"{t.scheduler} schedule, warmup {t.warmup_steps}, seed {t.seed}")
     if p.online.iterations:
@@ -103,12 +106,38 @@ def missing_extra(pipeline) -> str | None:
     return None
 
 
+def preflight(pipeline) -> list[str]:
+    """Everything that can be known wrong before any work, each one line (cause + fix): a missing
+    extra, the model folder (config and tokenizer only: see cut_core.models.inspect_model), the
+    accelerate config file. Imports neither prefect nor the model's weights."""
+    problems = []
+    missing = missing_extra(pipeline)
+    if missing:
+        problems.append(missing)
+    if pipeline.model is not None:
+        from cut_core.models import inspect_model
+
+        lora = None if pipeline.training.full_finetune or pipeline.adapter is None else pipeline.adapter.target_modules
+        problems += inspect_model(pipeline.model.path, template=pipeline.model.template,
+                                  max_length=pipeline.model.max_length, lora_spec=lora,
+                                  can_build=bool(pipeline.model.build))
+    config = pipeline.launch.accelerate_config
+    if config and not Path(config).is_file():
+        problems.append(f"launch.accelerate_config {config} does not exist; fix: point it at an accelerate config "
+                        "file (configs/accelerate/ has DDP, FSDP2 and DeepSpeed ZeRO-2 ones)")
+    return problems
+
+
+def report_problems(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
+
+
 def cmd_check(args) -> int:
     pipeline = load(args.pipeline)
     print(describe(pipeline))
-    missing = missing_extra(pipeline)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    if report_problems(preflight(pipeline)):
         return 2
     print("ok: the declaration is valid")
     return 0
@@ -116,14 +145,49 @@ def cmd_check(args) -> int:
 
 def cmd_run(args) -> int:
     pipeline = load(args.pipeline)
-    missing = missing_extra(pipeline)
-    if missing:  # before ingesting or generating anything
-        print(f"error: {missing}", file=sys.stderr)
+    if report_problems(preflight(pipeline)):  # before any server, ingest or generation
         return 2
+    from cut_core.errors import UserError, one_line
+
+    quiet_user_errors(Path(pipeline.workdir) / "cut-align.log")
     from flows.align import run_pipeline
-    result = run_pipeline(pipeline)
+    try:
+        result = run_pipeline(pipeline)
+    except UserError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     print(json.dumps(result, default=str))
     return 0
+
+
+class _NoUserErrorTracebacks:
+    """Console filter: a UserError's engine traceback stays off the terminal (the CLI prints its
+    one line); the log file keeps every record with its traceback."""
+
+    def filter(self, record) -> bool:
+        from cut_core.errors import UserError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, UserError)
+
+
+def quiet_user_errors(log_file: Path) -> None:
+    """Prefect's console handlers drop UserError tracebacks; everything, tracebacks of real
+    crashes included, also goes to `log_file`."""
+    import logging
+
+    import prefect  # noqa: F401 — configures its loggers and handlers
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("prefect")
+    root.addHandler(to_file)
+    for logger in [root, *(lg for name, lg in logging.Logger.manager.loggerDict.items()
+                           if name.startswith("prefect.") and isinstance(lg, logging.Logger))]:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(_NoUserErrorTracebacks())
 
 
 def cmd_ingest(args) -> int:
