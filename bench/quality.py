@@ -1,18 +1,53 @@
-"""Quality benchmark: the demo task with equal budget for CUT and the baselines.
+"""Quality benchmark, fair by construction: CUT against nine other ways to learn from the same
+verifier, on the demo task (2-digit additions; cut_core/demo_task.py).
 
-Every objective starts from the same base model and runs the same online loop as the demo
-(same number of iterations, new instructions per iteration, same optimizer settings and
-steps per example); only the objective differs. Accuracy is the verifier's held-out accuracy
-after the last iteration. Each objective runs as its own pipeline (its own MLflow experiment),
-so the runs can be compared in the MLflow UI afterwards.
+Every method starts from the demo's warm-started base model and runs the same online loop:
+K iterations, each on P new problems (never reused), the model answering with its current
+weights, then training, then the next iteration from the trained model. What is equal:
 
-    .venv/bin/python bench/quality.py [--iterations K] [--objectives cut,sft,hindsight,forward_prediction,...]
+    budget      every method trains S = ceil(P / B) optimizer steps of B records per iteration
+                (B = the demo's batch, 16): the same examples seen and optimizer steps, whatever
+                its data holds (a smaller set is cycled, a larger one sampled by the trainer's
+                shuffled order); a record is one loss item (a CUT pair, an NLL row, a DPO pair)
+    settings    the demo's optimizer settings (full fine-tune, AdamW, constant schedule), except:
+    lr          each method gets its own learning rate, the best of the same grid (--lrs, >= 3
+                values) by mean accuracy on a validation split: the last V online problems, never
+                trained on and not the held-out set
+    seeds       >= 3 training seeds per (method, lr): data order and, where a method samples,
+                its samples; the base model is the same for all
+    test        the demo's 500 held-out problems, greedy, verifier-checked, scored once per seed
+                at the chosen lr; per method: mean, std over seeds, and a paired comparison
+                with CUT on the same problems and seeds (mean difference of per-problem
+                correctness with its standard error, and McNemar's discordant counts)
 
-ilf_mle and ilf_dpo get their refinements from the model being aligned (objective.refiner =
-"model"), as the paper's online ILF does; dpo has no place in this online loop (one response per
-instruction, so no scored pairs) and is refused by the DSL.
+Methods (what each trains on per iteration; "greedy" = the model's greedy answer per problem,
+judged by the verifier; "k samples" = k sampled answers per problem, checked by the verifier):
 
-Last line: {"accuracy": {objective: accuracy}, "base": accuracy, "per_iteration": {...}, ...}
+    cut                 CUT on the greedy answers' judgments (Align-P/Align-N/Misalign; lambda 1.1, alpha 1)
+    sft                 SFT on the verifier-correct greedy answers
+    rs_sft              rejection-sampling SFT: SFT on the verifier-correct of k samples
+    hindsight           y given [x, j], every greedy triplet
+    forward_prediction  y given x, then j given [x, y]
+    ilf_mle             SFT on refinements the model writes from (x, y, j) (refiner "model")
+    ilf_dpo             TRL's DPO, the refinement over the wrong answer
+    dpo                 TRL's DPO on sampled pairs: per problem, a right sample over each wrong one
+                        (0/1 reward, as bench/judgment_vs_reward.py)
+    unlikelihood        CUT with every token of a negative flagged (unlikelihood on all tokens;
+                        the paper's ablation, which it reports does not converge)
+    self_distill        judgment-conditioned self-distillation on CUT's pairs (objective
+                        'self_distill': the Align-N context is the teacher of the Misalign context)
+
+Controls (CUT at its chosen lr, all seeds; demo_task.control_judgments): judgments swapped
+between problems, terse ("The answer is wrong."), digit-naming only ("The tens digit is wrong.").
+
+    .venv/bin/python bench/quality.py            # full: 3 iterations x 500 problems, 3 lrs x 3 seeds
+    .venv/bin/python bench/quality.py --quick    # smoke size (minutes)
+
+Runs in-process with cut_core (no Prefect, no MLflow): the same materialization (contrast.py,
+preference.py), trainers (CUTTrainer, TRL's DPOTrainer via dpo.py) and model saving as the
+pipeline, on the demo's settings. Last line: JSON
+{"methods": {name: {"lr", "accuracy": [per seed], "mean", "std", "validation": {lr: mean}, "vs_cut": {...}}},
+ "controls": {...}, "base": ..., "n_heldout": n, "n_validation": v, "size": {...}, "seconds": ...}
 """
 
 from __future__ import annotations
@@ -20,6 +55,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,45 +66,352 @@ sys.path.insert(0, str(ROOT))
 
 import flows  # noqa: E402,F401  (quiet, offline library defaults)
 
+METHODS = ("cut", "sft", "rs_sft", "hindsight", "forward_prediction", "ilf_mle", "ilf_dpo", "dpo",
+           "unlikelihood", "self_distill")
+MAX_LENGTH = 128
+ANSWER_TOKENS = 6
+
+
+# ---------------------------------------------------------------- data: answers, judgments, examples
+
+def read_instructions(path: Path) -> list[str]:
+    return [json.loads(line)["instruction"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def correctness(model_path: str, instructions: list[str]) -> list[bool]:
+    """Greedy answers of the model, verifier-checked, one bool per problem."""
+    from cut_core.demo_task import greedy_answers, is_correct
+    from cut_core.generate import load_model
+
+    model, tokenizer = load_model(model_path, device="cpu")
+    answers = greedy_answers(model, tokenizer, instructions, max_new_tokens=ANSWER_TOKENS)
+    return [is_correct(x, y) for x, y in zip(instructions, answers)]
+
+
+def triplets(instructions: list[str], responses: list[str], judgments: list[str | None], tag: str):
+    import polars as pl
+
+    return pl.DataFrame({
+        "id": [f"{tag}-{i}" for i in range(len(instructions))], "instruction": instructions,
+        "response": responses, "judgment": judgments,
+        "polarity": ["positive" if j is None else "negative" for j in judgments],
+        "score": [1.0 if j is None else 0.0 for j in judgments]})
+
+
+def sampled(model_path: str, instructions: list[str], k: int, seed: int) -> tuple[list[str], list[str]]:
+    """k sampled answers per problem (temperature 1), distinct per problem."""
+    import torch
+
+    from cut_core.generate import generate, load_model
+
+    model, tokenizer = load_model(model_path, device="cpu")
+    torch.manual_seed(seed)
+    seen, xs, ys = set(), [], []
+    for _ in range(k):
+        answers = generate(model, tokenizer, instructions, max_new_tokens=ANSWER_TOKENS, batch_size=100, greedy=False)
+        for x, y in zip(instructions, answers):
+            if (x, y) not in seen:
+                seen.add((x, y))
+                xs.append(x)
+                ys.append(y)
+    return xs, ys
+
+
+def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, *, seed: int, k: int,
+                   control: str | None) -> tuple[str, Path | None, dict]:
+    """What `method` trains on this iteration: ("examples" | "pairs", file or None, stats)."""
+    from cut_core.contrast import materialize, read_stats
+    from cut_core.demo_task import control_judgments, greedy_answers, judge
+    from cut_core.dsl import Objective
+    from cut_core.generate import load_model
+    from cut_core.preference import materialize_pairs
+    from cut_core.refine import ModelRefiner
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if method in ("rs_sft", "dpo"):
+        xs, ys = sampled(model_path, prompts, k, seed)
+        frame = triplets(xs, ys, [judge(x, y) for x, y in zip(xs, ys)], "s")
+    else:
+        model, _ = load_model(model_path, device="cpu")
+        ys = greedy_answers(model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
+        del model
+        frame = triplets(prompts, ys, control_judgments(control, prompts, ys, seed), "g")
+    stats = {"triplets": frame.height, "right": int((frame["polarity"] == "positive").sum())}
+
+    name = {"rs_sft": "sft", "unlikelihood": "cut"}.get(method, method)
+    refiner = ModelRefiner(model_path, max_new_tokens=ANSWER_TOKENS, batch_size=100) if method.startswith("ilf") else None
+    objective = Objective(name=name, threshold=1.1, alpha=1.0, align_p_ratio=0.25, refiner="model",
+                          refine_max_new_tokens=ANSWER_TOKENS)
+    if name in ("dpo", "ilf_dpo"):
+        try:
+            path = materialize_pairs(frame, tokenizer, objective=objective, out_dir=out, refine_fn=refiner)
+        except ValueError:  # no pair this iteration (e.g. no refinement, or every sample right)
+            return "pairs", None, {**stats, "records": 0}
+        return "pairs", path, {**stats, "records": read_stats(path)["rows"]}
+    path = materialize(frame, tokenizer, objective=objective, max_length=MAX_LENGTH, out_dir=out, seed=seed,
+                       refine_fn=refiner)
+    rows = read_stats(path).get("rows_by_kind", {})
+    records = sum(v for kind, v in rows.items() if kind != "align_n")
+    return "examples", (path if records else None), {**stats, "records": records}
+
+
+# ---------------------------------------------------------------- training: one iteration, S steps
+
+def _unlikelihood_trainer():
+    """CUTTrainer with U = every response token of a negative: 1/2 (NLL(Align-N) + UL(Misalign)),
+    UL = -(1/N) sum_t log(1 - p_M,t) (alpha 1), the reference weighting of CUT with nothing left
+    to detection. Align-P records stay NLL."""
+    import torch
+
+    from cut_core.loss import log1m_exp, masked_nll
+    from cut_core.trainer import CUTTrainer
+
+    class AllTokensUnlikelihood(CUTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logp, mask = self._response_logprobs(model, inputs, "")
+            if "judged_input_ids" in inputs:
+                logp_n, mask_n = self._response_logprobs(model, inputs, "judged_")
+            else:
+                logp_n, mask_n = logp[:0, :0], mask[:0, :0]
+            n, w = mask_n.shape
+            m = mask[:n, :w]
+            ul = -torch.where(m, log1m_exp(logp[:n, :w]), torch.zeros_like(logp[:n, :w])).sum(-1) \
+                / m.sum(-1).clamp(min=1)
+            per_record = torch.cat([0.5 * (masked_nll(logp_n, mask_n) + ul), masked_nll(logp[n:], mask[n:])])
+            if num_items_in_batch is None:
+                return per_record.mean()
+            return per_record.sum() / num_items_in_batch
+
+    return AllTokensUnlikelihood
+
+
+def train_iteration(method: str, kind: str, data: Path, model_path: str, out: Path, *, lr: float, seed: int,
+                    steps: int, training) -> str:
+    """S optimizer steps of `method` on `data` from `model_path`; returns the trained model folder."""
+    from transformers import AutoTokenizer
+
+    from cut_core.dsl import Objective
+    from cut_core.trainer import (CUTConfig, CUTTrainer, RecordDataset, load_model, load_records, save_final,
+                                  training_arguments)
+
+    training = training.model_copy(update={"learning_rate": lr, "seed": seed, "save_steps": 10 ** 6,
+                                           "logging_steps": max(1, steps)})
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    targs = training_arguments(training, output_dir=out / "checkpoints", max_steps=steps, report_to="none")
+    targs["save_strategy"] = "no"
+    from transformers import set_seed
+    set_seed(seed)
+    if kind == "pairs":
+        from cut_core.dpo import build_trainer
+
+        trainer = build_trainer(model_path=model_path, pairs_path=str(data), checkpoints=out / "checkpoints",
+                                objective=Objective(name="dpo"), adapter=None, training=training,
+                                tokenizer=tokenizer, max_steps=steps, max_length=MAX_LENGTH, report_to="none",
+                                callbacks=[])
+        trainer.args.save_strategy = "no"
+    else:
+        model = load_model(model_path, None, full_finetune=True)
+        args = CUTConfig(threshold=1.1, alpha=1.0, objective="self_distill" if method == "self_distill" else "cut",
+                         **targs)
+        cls = _unlikelihood_trainer() if method == "unlikelihood" else CUTTrainer
+        trainer = cls(model=model, args=args, train_dataset=RecordDataset(load_records(data)),
+                      processing_class=tokenizer)
+    trainer.train()
+    written = save_final(trainer.model, tokenizer, out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return written["merged"]
+
+
+def run_one(method: str, lr: float, seed: int, *, base: str, train_prompts: list[list[str]], evals: dict,
+            workdir: Path, steps: int, k: int, training, control: str | None = None) -> dict:
+    """One online run: K iterations of data -> S steps; scored on every split in `evals`."""
+    tag = f"{method}{'-' + control if control else ''}-lr{lr:g}-s{seed}"
+    root = workdir / "runs" / tag
+    done = root / "RESULT.json"
+    if done.exists():  # finished earlier (the bench resumes after an interruption)
+        return json.loads(done.read_text())
+    started = time.perf_counter()
+    model_path, log = base, []
+    for it, prompts in enumerate(train_prompts, 1):
+        kind, data, stats = iteration_data(method, model_path, prompts, root / f"data-{it}", seed=seed + 1000 * it,
+                                           k=k, control=control)
+        if data is not None:
+            model_path = train_iteration(method, kind, data, model_path, root / f"iter-{it}", lr=lr, seed=seed,
+                                         steps=steps, training=training)
+        log.append({"iteration": it, **stats, "trained": data is not None})
+    result = {"method": method, "control": control, "lr": lr, "seed": seed, "iterations": log,
+              **{f"{split}_correct": correctness(model_path, xs) for split, xs in evals.items()},
+              "seconds": round(time.perf_counter() - started, 1)}
+    for it in range(1, len(train_prompts)):  # keep the final model only
+        shutil.rmtree(root / f"iter-{it}", ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result))
+    return result
+
+
+# ---------------------------------------------------------------- statistics
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def paired(method_runs: list[dict], cut_runs: list[dict]) -> dict:
+    """Per-problem paired comparison on the held-out set, seed by seed (same problems, same seed)."""
+    diffs, cut_only, method_only = [], 0, 0
+    by_seed = {r["seed"]: r for r in cut_runs}
+    for r in method_runs:
+        c = by_seed[r["seed"]]["heldout_correct"]
+        for a, b in zip(r["heldout_correct"], c):
+            diffs.append(int(a) - int(b))
+            cut_only += (not a) and b
+            method_only += a and not b
+    d = mean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return {"mean_difference": round(d, 4), "standard_error": round(se, 4),
+            "mcnemar": {"cut_right_method_wrong": cut_only, "method_right_cut_wrong": method_only}}
+
+
+def summary(runs: list[dict]) -> dict:
+    acc = [mean(r["heldout_correct"]) for r in sorted(runs, key=lambda r: r["seed"])]
+    return {"accuracy": [round(a, 4) for a in acc], "mean": round(mean(acc), 4),
+            "std": round(statistics.stdev(acc), 4) if len(acc) > 1 else 0.0,
+            "seeds": sorted(r["seed"] for r in runs)}
+
+
+# ---------------------------------------------------------------- main
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objectives", default="cut,sft,hindsight,forward_prediction,ilf_mle,ilf_dpo")
-    parser.add_argument("--iterations", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--controls", default="swapped,terse,digit_only", help="'' for none")
+    parser.add_argument("--lrs", default="1e-5,3e-5,1e-4", help="the grid every method chooses from")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=500, help="new problems per iteration")
+    parser.add_argument("--validation", type=int, default=500, help="problems of the validation split")
+    parser.add_argument("--heldout", type=int, default=500, help="held-out problems scored (the demo's 500)")
+    parser.add_argument("--samples", type=int, default=4, help="k samples per problem (rs_sft, dpo)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke size: 1 iteration x 32 problems, 32 validation, 64 held-out, lrs 1e-5,1e-4, seeds 0,1, "
+                        "a 150-step warm start of its own")
+    parser.add_argument("--base", default=None, help="a base model folder (default: the demo's, built if absent)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a crowded machine)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="start no run after this many minutes; summarize the finished ones (seed-major order)")
     parser.add_argument("--workdir", default=str(ROOT / "work" / "bench-quality"))
     args = parser.parse_args()
+    if args.quick:
+        args.iterations, args.prompts, args.validation, args.heldout = 1, 32, 32, 64
+        args.lrs, args.seeds = "1e-5,1e-4", "0,1"
 
-    from flows.align import online_align
-    from flows.demo import demo_pipeline, standard_error
+    import torch
 
+    from cut_core.demo_task import build_base_model
+    from flows.demo import demo_pipeline
+
+    torch.set_num_threads(args.threads)
     demo = demo_pipeline()
-    base_model = demo.model.path  # shared: built once by the first run, reused by the others
-    results, per_iteration, seconds = {}, {}, {}
-    base = None
-    for name in args.objectives.split(","):
-        # ILF: a refinement as long as an answer the demo generates (its answers are a few tokens)
-        objective = demo.objective.model_copy(update={"name": name,
-                                                      "refine_max_new_tokens": demo.online.max_new_tokens})
-        online = demo.online if args.iterations is None else demo.online.model_copy(update={"iterations": args.iterations})
-        pipeline = demo.model_copy(update={
-            "name": f"quality-{name.replace('_', '-')}", "workdir": str(Path(args.workdir) / name),
-            "objective": objective, "online": online,
-            "model": demo.model.model_copy(update={"path": base_model})})
-        started = time.perf_counter()
-        result = online_align(pipeline.to_json(), pipeline.name)
-        seconds[name] = round(time.perf_counter() - started, 1)
-        base = result["base"]["positive_rate"]
-        per_iteration[name] = [it["metrics"]["positive_rate"] for it in result["iterations"]]
-        results[name] = per_iteration[name][-1]
-        print(f"{name:<20} base {100 * base:.1f}%  iterations " +
-              " ".join(f"{100 * a:.1f}%" for a in per_iteration[name]) + f"  ({seconds[name]} s)", flush=True)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    controls = [c for c in args.controls.split(",") if c]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
+    online = read_instructions(Path(demo.online.prompts))
+    heldout = read_instructions(Path(demo.evaluation.heldout))[:args.heldout]
+    if args.iterations * args.prompts + args.validation > len(online):
+        raise SystemExit(f"{args.iterations} x {args.prompts} training + {args.validation} validation problems "
+                         f"exceed the {len(online)} online problems")
+    train_prompts = [online[i * args.prompts:(i + 1) * args.prompts] for i in range(args.iterations)]
+    validation = online[len(online) - args.validation:]  # the tail: never a training problem
+    batch = demo.training.micro_batch_size * demo.training.gradient_accumulation
+    steps = math.ceil(args.prompts / batch)
+    size = {"iterations": args.iterations, "prompts_per_iteration": args.prompts, "steps_per_iteration": steps,
+            "records_per_step": batch, "validation": len(validation), "heldout": len(heldout), "lrs": lrs,
+            "seeds": seeds, "samples_per_problem": args.samples}
+    workdir = Path(args.workdir) / ("quick" if args.quick else "x".join(str(v) for v in (
+        args.iterations, args.prompts, args.validation, args.heldout)))
+    started = time.perf_counter()
+    if args.base:
+        base = args.base
+    elif args.quick:  # a briefly warm-started base: enough mistakes to learn from, built in a minute
+        base = str(build_base_model(workdir / "base-model", steps=150, batch_size=32))
+    else:
+        base = str(build_base_model(Path(demo.model.path)))  # the demo's base (built once, reused)
+    base_acc = mean(correctness(base, heldout))
+    print(f"base {100 * base_acc:.1f}% on {len(heldout)} held-out; size {size}", flush=True)
 
-    n = demo.evaluation.max_prompts
-    print(f"\nheld-out problems: {n}; standard error of one accuracy near 50%: "
-          f"{100 * standard_error(0.5, n):.1f} points")
-    print(json.dumps({"accuracy": results, "base": base, "per_iteration": per_iteration,
-                      "n_heldout": n, "standard_error_at_50pct": round(standard_error(0.5, n), 4),
-                      "seconds": seconds}))
+    common = dict(base=base, train_prompts=train_prompts, evals={"validation": validation, "heldout": heldout},
+                  workdir=workdir, steps=steps, k=args.samples, training=demo.training)
+    # Seed-major order: every method and lr gets its first seed before any gets its second, so a
+    # run cut short by --budget-minutes still covers every method (and says what it lacks).
+    deadline = started + 60 * args.budget_minutes if args.budget_minutes else None
+    runs: dict[str, dict[float, list[dict]]] = {m: {lr: [] for lr in lrs} for m in methods}
+    stopped = False
+    for seed in seeds:
+        for lr in lrs:
+            for method in methods:
+                if deadline and time.perf_counter() > deadline:
+                    stopped = True
+                    break
+                r = run_one(method, lr, seed, **common)
+                runs[method][lr].append(r)
+                print(f"{method:<19} lr {lr:<7g} seed {seed}: validation {100 * mean(r['validation_correct']):5.1f}%"
+                      f"  held-out {100 * mean(r['heldout_correct']):5.1f}%  ({r['seconds']} s)", flush=True)
+    if stopped:
+        print(f"stopped at the {args.budget_minutes}-minute budget: the summary covers the finished runs only",
+              flush=True)
+
+    result_methods, chosen = {}, {}
+    for method, by_lr in runs.items():
+        by_lr = {lr: rs for lr, rs in by_lr.items() if rs}
+        if not by_lr:
+            continue
+        validation_mean = {lr: mean([mean(r["validation_correct"]) for r in rs]) for lr, rs in by_lr.items()}
+        best = max(by_lr, key=lambda lr: (validation_mean[lr], -lr))  # ties: the smaller lr
+        chosen[method] = best
+        result_methods[method] = {"lr": best, **summary(by_lr[best]),
+                                  "validation": {f"{lr:g}": round(v, 4) for lr, v in validation_mean.items()},
+                                  "heldout_by_lr": {f"{lr:g}": round(mean([mean(r["heldout_correct"]) for r in rs]), 4)
+                                                    for lr, rs in by_lr.items()},
+                                  "records_first_iteration": [r["iterations"][0]["records"] for r in by_lr[best]],
+                                  "complete": all(len(by_lr.get(lr, [])) == len(seeds) for lr in lrs)}
+    if "cut" in chosen:
+        cut_runs = runs["cut"][chosen["cut"]]
+        for method in result_methods:
+            if method != "cut":
+                shared = [r for r in runs[method][chosen[method]] if r["seed"] in {c["seed"] for c in cut_runs}]
+                if shared:
+                    result_methods[method]["vs_cut"] = paired(shared, cut_runs)
+
+    result_controls = {}
+    if controls and "cut" in chosen:
+        lr = chosen["cut"]
+        for control in controls:
+            rs = []
+            for seed in [r["seed"] for r in runs["cut"][lr]]:
+                if deadline and time.perf_counter() > deadline:
+                    stopped = True
+                    break
+                rs.append(run_one("cut", lr, seed, control=control, **common))
+            if not rs:
+                continue
+            result_controls[control] = {"lr": lr, **summary(rs), "vs_cut": paired(rs, runs["cut"][lr]),
+                                        "complete": len(rs) == len(seeds)}
+            print(f"control {control:<11} lr {lr:g}: held-out {[round(100 * a, 1) for a in result_controls[control]['accuracy']]}",
+                  flush=True)
+
+    print("\nheld-out accuracy at each method's validation-chosen lr (mean ± std over seeds; vs CUT: paired)")
+    for name, m in list(result_methods.items()) + [(f"cut/{c}", v) for c, v in result_controls.items()]:
+        vs = m.get("vs_cut")
+        extra = f"  vs CUT {100 * vs['mean_difference']:+.1f} ± {100 * vs['standard_error']:.1f} pts" if vs else ""
+        print(f"  {name:<22} lr {m['lr']:<7g} {100 * m['mean']:5.1f} ± {100 * m['std']:.1f}%{extra}")
+    print(json.dumps({"methods": result_methods, "controls": result_controls, "base": round(base_acc, 4),
+                      "n_heldout": len(heldout), "n_validation": len(validation), "size": size,
+                      "stopped_at_budget": stopped,
+                      "seconds": round(time.perf_counter() - started, 1)}))
 
 
 if __name__ == "__main__":
