@@ -25,6 +25,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from cut_core.judges import score_refusal  # noqa: E402
 
+from cut_core.errors import UserError  # noqa: E402
 from cut_core.weights import weights_digest  # noqa: E402
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -144,9 +145,10 @@ def register_version(model_name: str, run_id: str, artifact_path: str, *, model_
             "previous_champion_metric": previous, "digest": version_tags[DIGEST_TAG]}
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError):
     """A registered model version that cannot be used: not registered, not fetchable, or not
-    the weights it was registered with. Its message is one line: the cause and the fix."""
+    the weights it was registered with. Its message is one line: the cause and the fix
+    (`cut-align run` prints it as such, without a traceback)."""
 
 
 @dataclass(frozen=True)
