@@ -94,7 +94,7 @@ def figures(result: dict, root: Path, started: float) -> dict:
         flagged = [r["flagged_fraction"] for r in trained["history"] if "flagged_fraction" in r]
         after = satisfaction(root / f"iter-{k}" / "evaluate")
         p = sum(after) / len(after)
-        row = {"iteration": k, "steps": trained.get("steps"), "examples": {key: v for key, v in data.items()
+        row = {"iteration": k, "steps": trained["history"][-1]["step"] if trained["history"] else 0, "examples": {key: v for key, v in data.items()
                                                                           if isinstance(v, (int, float))},
                "flagged_fraction_mean": round(sum(flagged) / len(flagged), 4) if flagged else None,
                "loss_first_last": [trained["history"][0]["loss"], trained["history"][-1]["loss"]]

@@ -169,7 +169,8 @@ def test_real_model_runs_the_online_pipeline_end_to_end(smollm2, tmp_path, prefe
     judged = json.loads((root / "iter-1" / "judge" / "RESULT.json").read_text())
     assert judged["labeled"] == 6
     trained = json.loads((root / "iter-1" / "train" / "RESULT.json").read_text())
-    assert trained["steps"] >= 1 and trained["history"] and all(r["loss"] == r["loss"] for r in trained["history"])
+    assert trained["history"] and trained["history"][-1]["step"] == 1  # one optimizer step, logged
+    assert all(r["loss"] == r["loss"] and r["flagged_fraction"] > 0 for r in trained["history"])  # CUT flagged tokens
     merged = Path(trained["merged"])
     assert (merged / "config.json").exists() and (merged / "tokenizer_config.json").exists()
     assert not (merged / "adapter_config.json").exists()  # a merged model, not an adapter
