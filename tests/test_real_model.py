@@ -79,6 +79,8 @@ def test_missing_model_package_is_one_line_naming_the_install_command(tmp_path):
     with pytest.raises(ModelBuildError) as err:
         packaged_file("no_such_model_package_xyz", "m.gguf", SMOLLM2_INSTALL)
     assert str(err.value).count("\n") == 0
+    from cut_core.errors import UserError
+    assert isinstance(err.value, UserError)  # never retried; `cut-align run` prints it as one line
     assert "not installed" in str(err.value) and SMOLLM2_INSTALL in str(err.value)
 
     (tmp_path / "model").mkdir()
