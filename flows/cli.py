@@ -160,34 +160,32 @@ def cmd_run(args) -> int:
     return 0
 
 
-class _NoUserErrorTracebacks:
-    """Console filter: a UserError's engine traceback stays off the terminal (the CLI prints its
-    one line); the log file keeps every record with its traceback."""
-
-    def filter(self, record) -> bool:
-        from cut_core.errors import UserError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, UserError)
-
-
 def quiet_user_errors(log_file: Path) -> None:
-    """Prefect's console handlers drop UserError tracebacks; everything, tracebacks of real
-    crashes included, also goes to `log_file`."""
+    """A UserError is logged as its one line, without the engine's traceback (the CLI prints the
+    line; the cause is the user's input, not the code). Everything Prefect logs also goes to
+    `log_file`, with the full traceback of every real crash."""
     import logging
 
-    import prefect  # noqa: F401 — configures its loggers and handlers
+    from prefect.logging import configuration
 
+    from cut_core.errors import UserError
+
+    if not configuration.PROCESS_LOGGING_CONFIG:  # Prefect's first set-up replaces handlers; later ones add
+        configuration.setup_logging()
+
+    make_record = logging.getLogRecordFactory()
+
+    def without_user_error_traceback(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return record
+
+    logging.setLogRecordFactory(without_user_error_traceback)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(log_file)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger("prefect")
-    root.addHandler(to_file)
-    for logger in [root, *(lg for name, lg in logging.Logger.manager.loggerDict.items()
-                           if name.startswith("prefect.") and isinstance(lg, logging.Logger))]:
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.addFilter(_NoUserErrorTracebacks())
+    logging.getLogger("prefect").addHandler(to_file)
 
 
 def cmd_ingest(args) -> int:
@@ -298,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
+    # Prefect's temporary server gets 20 s to come up by default: too little on a busy 2-core
+    # machine (measured: 20-65 s at load 15), where the user would read a start-up timeout.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if getattr(args, "json", False):
         # --json promises the JSON object is the last line: keep Prefect's INFO chatter
         # (e.g. "Stopping temporary server" at exit) out of the output.
