@@ -90,15 +90,18 @@ def test_file_without_pipeline_is_a_clear_error(tmp_path):
 def test_check_command_prints_the_plan():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "check", str(ROOT / "pipelines" / "shepherd_offline.py")],
                          capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
     assert "objective   cut (lambda 1.2, alpha 0.5" in out.stdout
     assert "ingest -> label unlabeled -> materialize -> train" in out.stdout
+    # The example names a model the user brings: check says so, one line, after the plan.
+    assert out.returncode == 2 and out.stderr.startswith("error: model.path "), out.stderr
+    assert "does not exist" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_check_names_the_missing_dpo_extra():
     ilf_dpo = str(ROOT / "pipelines" / "shepherd_ilf_dpo.py")
     out = subprocess.run([sys.executable, "-m", "flows.cli", "check", ilf_dpo], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0 and "objective   ilf_dpo via TRL (beta 0.1" in out.stdout, out.stderr
+    assert "objective   ilf_dpo via TRL (beta 0.1" in out.stdout, out.stderr
+    assert "cut-align[dpo]" not in out.stderr  # TRL is installed here; only the absent model is reported
     # an install without the extra: TRL cannot be imported
     hide_trl = "import sys; sys.modules['trl'] = None; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
     for command in ("check", "run"):

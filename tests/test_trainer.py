@@ -329,5 +329,7 @@ def test_baseline_mle_rows_train_as_plain_nll_and_mismatched_objectives_are_refu
     pairs = write_examples(tmp_path / "pairs.parquet", make_rows(4, seed=8))
     with pytest.raises(ValueError, match="baseline"):
         train_cli.run({**cfg, "examples": str(pairs), "output_dir": str(tmp_path / "bad")})
-    with pytest.raises(ValueError, match="unknown config keys"):
+    from cut_core.errors import UserError
+
+    with pytest.raises(UserError, match="unknown config keys"):  # the user's to fix: exit 3, never retried
         train_cli.run({**cfg, "output_dir": str(tmp_path / "bad2"), "epochs": 3})
