@@ -318,7 +318,7 @@ class Training(Section):
 class Launch(Section):
     """How the training subprocess is started: one process, or data-parallel / sharded processes
     through torchrun or `accelerate launch` (DDP, FSDP2, DeepSpeed ZeRO-2 configs ship in
-    `configs/accelerate/`). The environment variable CUT_ALIGN_LAUNCHER, when set, replaces the
+    `pipelines/accelerate/`). The environment variable CUT_ALIGN_LAUNCHER, when set, replaces the
     launcher (needed per node for multi-node runs, whose node rank differs per machine)."""
     processes: int = Field(
         default=1, ge=1,
@@ -326,7 +326,7 @@ class Launch(Section):
         "records are split between them and gradients all-reduced")
     accelerate_config: str | None = Field(
         default=None,
-        description="an `accelerate launch` config file (e.g. configs/accelerate/fsdp2.yaml); None launches with "
+        description="an `accelerate launch` config file (e.g. pipelines/accelerate/fsdp2.yaml); None launches with "
         "torchrun when processes > 1")
 
 

@@ -124,7 +124,7 @@ def preflight(pipeline) -> list[str]:
     config = pipeline.launch.accelerate_config
     if config and not Path(config).is_file():
         problems.append(f"launch.accelerate_config {config} does not exist; fix: point it at an accelerate config "
-                        "file (configs/accelerate/ has DDP, FSDP2 and DeepSpeed ZeRO-2 ones)")
+                        "file (pipelines/accelerate/ has DDP, FSDP2 and DeepSpeed ZeRO-2 ones)")
     return problems
 
 
