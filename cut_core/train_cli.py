@@ -242,6 +242,7 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
         trainer = _cut_trainer(config, objective, adapter, training, tokenizer, records, checkpoints, callbacks)
     if progress is not None:
         progress.trainer = trainer  # tokens trained so far (CUTTrainer.tokens_trained)
+    _say_what_accelerate_chose(trainer)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
@@ -295,6 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     if "rank" not in summary:  # one summary per run, from rank 0
         print(json.dumps(summary))
     return 0
+
+
+def _say_what_accelerate_chose(trainer) -> None:
+    """No silent fall-back: accelerate applies FSDP and DeepSpeed only to GPU runs. A CPU run
+    launched with such a config trains as plain DDP (every process holds the whole model)."""
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(env, "false").lower() == "true"]
+    got = str(trainer.accelerator.distributed_type).split(".")[-1]
+    if asked and asked[0].upper() not in got.upper() and trainer.is_world_process_zero():
+        print(f"warning: the accelerate config asks for {asked[0]} but accelerate runs this as {got} "
+              "(it shards only on GPUs): every process holds the whole model", file=sys.stderr, flush=True)
 
 
 def _leave_process_group() -> None:
