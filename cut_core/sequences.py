@@ -250,12 +250,24 @@ def fusable_head(model: Any) -> tuple[OutputHead | None, str]:
     head, why = output_head(model)
     if head is None:
         return None, why
+    if _is_sharded(head.weight):
+        # FSDP2 (fully_shard) keeps the head's weight as a DTensor shard outside its own forward:
+        # the fused path would mix it with plain tensors. Materialized logits are exact there.
+        return None, "the output head's weight is sharded (FSDP2 DTensor): logits are materialized"
     lm = causal_lm(model)
     verdict = getattr(lm, _CHECKED, None)
     if verdict is None:
         verdict = _verify(model, head)
         setattr(lm, _CHECKED, verdict)
     return (head, why) if verdict[0] else (None, verdict[1])
+
+
+def _is_sharded(weight: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return False
+    return isinstance(weight, DTensor)
 
 
 @torch.no_grad()
