@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import httpx
 
 from cut_core import dsl
-from cut_core.warehouse import content_key
+from cut_core.warehouse import (apply_judgments, content_key, judgment_status, store_judgments,  # noqa: F401
+                                unlabeled_triplets)
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +477,7 @@ def label_pending(con, judge: Judge, rows: Iterable[tuple[str, str] | Mapping[st
     if not keyed:
         return counts
 
-    status = _existing_status(con, judge.name, list(keyed))
+    status = judgment_status(con, judge.name, list(keyed))
     counts["cached"] = sum(1 for s in status.values() if s == "ok")
     todo = [k for k in keyed if status.get(k) != "ok" and (retry_failed or k not in status)]
     counts["retried"] = sum(1 for k in todo if status.get(k) == "failed")
@@ -497,74 +498,11 @@ def label_pending(con, judge: Judge, rows: Iterable[tuple[str, str] | Mapping[st
     return counts
 
 
-def _existing_status(con, judge_name: str, keys: list[str]) -> dict[str, str]:
-    import pyarrow as pa
-
-    con.register("_label_keys", pa.table({"key": keys}))
-    try:
-        found = con.execute(
-            "SELECT j.key, j.status FROM judgments j JOIN _label_keys k ON j.key = k.key WHERE j.judge = ?",
-            [judge_name]).fetchall()
-    finally:
-        con.unregister("_label_keys")
-    return dict(found)
-
-
 def _store(con, judge_name: str, rows: list[tuple[str, str, str, JudgeResult]]) -> None:
-    import pyarrow as pa
-
-    table = pa.table({
-        "judge": [judge_name] * len(rows),
-        "key": [r[0] for r in rows],
-        "instruction": [r[1] for r in rows],
-        "response": [r[2] for r in rows],
-        # A failed result never carries a judgment or polarity into the table, whatever it holds.
-        "judgment": [r[3].judgment if r[3].status == "ok" else None for r in rows],
-        "polarity": [r[3].polarity if r[3].status == "ok" else None for r in rows],
-        "status": ["ok" if r[3].status == "ok" else "failed" for r in rows],
-        "error": [r[3].error for r in rows],
-        "attempts": pa.array([r[3].attempts for r in rows], pa.int32()),
-    })
-    con.register("_label_batch", table)
-    try:
-        # Replacing is safe: only keys without an OK judgment are ever judged, so this overwrites
-        # at most an earlier failure.
-        con.execute("""
-            INSERT OR REPLACE INTO judgments
-                (judge, key, instruction, response, judgment, polarity, status, error, attempts, judged_at)
-            SELECT judge, key, instruction, response, judgment, polarity, status, error, attempts,
-                   current_timestamp
-            FROM _label_batch""")
-    finally:
-        con.unregister("_label_batch")
-
-
-def unlabeled_triplets(con, *, sources: Sequence[str] | None = None, limit: int | None = None) -> list[tuple[str, str]]:
-    """(instruction, response) of the triplets that await a judge (polarity NULL).
-
-    sources: only triplets ingested from these files (the `source` column), when given.
-    """
-    sql, params = "SELECT DISTINCT instruction, response FROM triplets WHERE polarity IS NULL", []
-    if sources is not None:
-        sql, params = sql + " AND list_contains(?, source)", [list(sources)]
-    sql += " ORDER BY instruction, response"
-    if limit is not None:
-        sql += f" LIMIT {int(limit)}"
-    return [tuple(r) for r in con.execute(sql, params).fetchall()]
-
-
-def apply_judgments(con, judge_name: str) -> int:
-    """Copy OK judgments of `judge_name` onto unlabeled triplets; returns how many were labeled.
-
-    Joined on the text itself (the judgments table keeps instruction and response), so no hash has
-    to be recomputed in SQL. A failed judgment matches nothing here: its triplet stays unlabeled
-    (polarity NULL) and is not trained on until a later run judges it.
-    """
-    rows = con.execute("""
-        UPDATE triplets AS t
-        SET judgment = j.judgment, polarity = j.polarity
-        FROM judgments AS j
-        WHERE t.polarity IS NULL
-          AND j.judge = ? AND j.status = 'ok'
-          AND j.instruction = t.instruction AND j.response = t.response""", [judge_name]).fetchall()
-    return int(rows[0][0]) if rows else 0
+    # A failed result never carries a judgment or polarity into the table, whatever it holds.
+    store_judgments(con, judge_name, [
+        {"key": key, "instruction": instruction, "response": response,
+         "judgment": res.judgment if res.status == "ok" else None,
+         "polarity": res.polarity if res.status == "ok" else None,
+         "status": "ok" if res.status == "ok" else "failed", "error": res.error, "attempts": res.attempts}
+        for key, instruction, response, res in rows])

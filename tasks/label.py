@@ -17,8 +17,7 @@ import polars as pl
 from prefect import task
 
 from cut_core.dsl import Pipeline
-from cut_core.judges import (DEFAULT_FAILED_MARKERS, DEFAULT_POSITIVE_PREFIXES, Judge, apply_judgments,
-                             build_judge, label_pending, unlabeled_triplets)
+from cut_core.judges import DEFAULT_FAILED_MARKERS, DEFAULT_POSITIVE_PREFIXES, Judge, build_judge, label_pending
 from cut_core import warehouse as wh
 from cut_core.warehouse import connect
 from cut_core.warehouse import triplet_sources as warehouse_sources
@@ -81,9 +80,9 @@ def label_unlabeled(pipeline_json: str, warehouse: str, files: list[str] | None 
     try:
         if digests is not None:
             files = (files or []) + warehouse_sources(con, digests)
-        pending = unlabeled_triplets(con, sources=files)
+        pending = wh.unlabeled_triplets(con, sources=files)
         counts = label_pending(con, judge, pending)
-        counts["labeled"] = apply_judgments(con, judge.name)
+        counts["labeled"] = wh.apply_judgments(con, judge.name)
     finally:
         con.close()
     _check(counts, judge, max_failed_rate)
