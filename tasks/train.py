@@ -122,11 +122,11 @@ def _last_error_line(log_path: Path) -> str:
 
 
 def launch_training(config: dict, output_dir: Path, *, launch=None, timeout_s: float | None = None,
-                    log=print, on_rows: Callable[[list[dict]], None] | None = None, poll_s: float = 2.0,
+                    log=print, on_rows: Callable[[list[dict]], None] | None = None, poll_s: float | None = None,
                     progress_every_s: float | None = None) -> dict:
     """Run training to completion in a subprocess; return the summary it wrote.
 
-    While it runs: every `poll_s`, new rows of its log_history.jsonl go to `on_rows` (each step
+    While it runs: every `poll_s` (default $CUT_ALIGN_POLL_S or 2 s), new rows of its log_history.jsonl go to `on_rows` (each step
     once, across relaunches: see HistoryStreamer), and every `progress_every_s` (default
     $CUT_ALIGN_PROGRESS_S or 30 s) its progress.json becomes one `log` line: steps done / total,
     tokens/s, ETA. `launch`: a dsl.Launch (processes, accelerate config), None for one process."""
@@ -144,6 +144,7 @@ def launch_training(config: dict, output_dir: Path, *, launch=None, timeout_s: f
         command = launch_command(config_path, launch)
         log(f"training: {describe(launch)}")
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        poll_s = float(os.environ.get("CUT_ALIGN_POLL_S", "2")) if poll_s is None else poll_s
         watch(proc, output_dir, streamer=streamer, log=log, timeout_s=timeout_s, poll_s=poll_s,
               progress_every_s=progress_every_s)
     if proc.returncode == USER_ERROR:

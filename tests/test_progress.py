@@ -23,7 +23,7 @@ import pytest
 
 from tasks.train import HistoryStreamer, progress_line
 
-STEPS = 30
+STEPS = 60
 
 
 def _examples(path: Path, vocab: int, n: int = 64) -> Path:
@@ -48,6 +48,7 @@ def test_mlflow_holds_training_metrics_while_the_subprocess_runs(tmp_path, monke
 
     monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "mlruns"))
     monkeypatch.setenv("CUT_ALIGN_PROGRESS_S", "0")       # a progress line at every poll that brings news
+    monkeypatch.setenv("CUT_ALIGN_POLL_S", "0.05")       # stream rows as they come: an idle machine trains fast
     model = make_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, intermediate_size=64)
     config = {"model_path": str(model), "examples": str(_examples(tmp_path / "ex.parquet", 200)),
               "objective": {"name": "cut", "threshold": 1.1, "alpha": 1.0},
