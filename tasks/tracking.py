@@ -38,15 +38,30 @@ def mlruns_dir() -> Path:
     return Path(os.environ.get("CUT_ALIGN_MLRUNS", "mlruns")).resolve()
 
 
+# mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into this process's environment: the
+# value we put there must not later pass for the user's own choice (it would pin the first store).
+_set_by_us: str | None = None
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+    """The user's MLFLOW_TRACKING_URI (e.g. a tracking server), else SQLite under mlruns_dir()."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env != _set_by_us:
+        return env
+    return f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
 
 
 def use_store() -> MlflowClient:
     """Point mlflow at the project store and return a client for it."""
-    mlruns_dir().mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient(tracking_uri())
+    global _set_by_us
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        mlruns_dir().mkdir(parents=True, exist_ok=True)
+    user_chosen = uri == os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if not user_chosen:
+        _set_by_us = uri
+    return MlflowClient(uri)
 
 
 def experiment_id(name: str) -> str:

@@ -255,3 +255,18 @@ def test_recurring_round_starts_from_the_champion_after_local_models_are_deleted
     assert second["iterations"][0]["start_model"] == start
     assert [it["version"] for it in second["iterations"]] == [3, 4]
     assert second["iterations"][1]["start_model"]["uri"] == "models:/recurring-test/3"
+
+
+def test_the_store_follows_cut_align_mlruns_after_mlflow_wrote_its_env_var(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into the environment; our own value must
+    not pin the first store (a long-lived worker, a notebook, a test session), a user's must win."""
+    from tasks import tracking as store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "a"))
+    store.use_store()
+    monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "b"))
+    assert store.tracking_uri() == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'server.db'}")
+    store.use_store()
+    assert store.tracking_uri() == f"sqlite:///{tmp_path / 'server.db'}"
