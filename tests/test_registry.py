@@ -157,13 +157,16 @@ def test_unknown_and_unverifiable_versions_are_errors(tmp_path, store, tiny):
         store.resolve_model("some-model", version=2, cache_dir=tmp_path)
 
 
-def test_readme_one_liner_loads_a_registered_version(tmp_path, store, tiny):
+def test_readme_one_liner_loads_a_registered_version(tmp_path, store, tiny, monkeypatch):
     """The README's snippet for MLflow users: any version by alias or number, loadable as is."""
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     register(store, "readme-model", tiny)
     shutil.rmtree(tiny)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: undone after the test, or it would
+    # point every later test's store here.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store.mlruns_dir() / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{store.mlruns_dir() / 'mlflow.db'}")
     for uri in ("models:/readme-model@champion", "models:/readme-model/1"):
         path = mlflow.artifacts.download_artifacts(uri)

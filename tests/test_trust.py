@@ -376,7 +376,9 @@ def test_an_echoed_key_leaves_no_trace_and_a_poorly_judged_model_is_not_promoted
     prefect_db = Path(db_url.split("///", 1)[1])
     prefect_files = list(prefect_db.parent.glob(prefect_db.name + "*"))
     stored = _stored_files(tmp_path / "work", tmp_path / "mlruns") + prefect_files
-    assert warehouse in stored and prefect_db in stored and (tmp_path / "mlruns" / "mlflow.db") in stored
+    assert warehouse in stored, stored
+    assert prefect_db in stored, (prefect_db, prefect_files)
+    assert (tmp_path / "mlruns" / "mlflow.db") in stored, stored
     assert any("artifacts" in p.parts and "adapter" in p.parts for p in stored)  # the iteration's artifacts
     assert any(b"10 of 12 judge calls failed" in p.read_bytes() for p in prefect_files)  # the run's logs are there
     leaks = [str(p) for p in stored if KEY.encode() in p.read_bytes()]
