@@ -169,11 +169,7 @@ def _unlikelihood_trainer():
 
     class AllTokensUnlikelihood(CUTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            logp, mask = self._response_logprobs(model, inputs, "")
-            if "judged_input_ids" in inputs:
-                logp_n, mask_n = self._response_logprobs(model, inputs, "judged_")
-            else:
-                logp_n, mask_n = logp[:0, :0], mask[:0, :0]
+            logp, mask, logp_n, mask_n = self._both_passes(model, inputs)
             n, w = mask_n.shape
             m = mask[:n, :w]
             ul = -torch.where(m, log1m_exp(logp[:n, :w]), torch.zeros_like(logp[:n, :w])).sum(-1) \

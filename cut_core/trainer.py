@@ -414,15 +414,21 @@ class CUTTrainer(Trainer):
             divergence, neg_mask = logp_pos[:0, :0], pos_mask[:0, :0]
         return self_distill_objective(divergence, neg_mask, logp_pos, pos_mask)
 
+    def _both_passes(self, model, inputs: dict):
+        """(log p, mask) of the plain pass and of the judged pass (empty [0, 0] when the batch
+        holds no CUT pair); the i-th judged row is the twin of the i-th plain row."""
+        logp_plain, mask_plain = self._response_logprobs(model, inputs, "")
+        if "judged_input_ids" in inputs:
+            logp_judged, mask_judged = self._response_logprobs(model, inputs, "judged_")
+        else:
+            logp_judged, mask_judged = logp_plain[:0, :0], mask_plain[:0, :0]
+        return logp_plain, mask_plain, logp_judged, mask_judged
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.objective == "self_distill":
             parts = self._self_distill_parts(model, inputs)
         else:
-            logp_plain, mask_plain = self._response_logprobs(model, inputs, "")
-            if "judged_input_ids" in inputs:
-                logp_judged, mask_judged = self._response_logprobs(model, inputs, "judged_")
-            else:
-                logp_judged, mask_judged = logp_plain[:0, :0], mask_plain[:0, :0]
+            logp_plain, mask_plain, logp_judged, mask_judged = self._both_passes(model, inputs)
             n_cut, width = mask_judged.shape
             parts = cut_objective(
                 logp_judged, logp_plain[:n_cut, :width], mask_plain[:n_cut, :width],
