@@ -33,8 +33,8 @@ def launch_command(config_path: str | Path, launch: Any | None = None, *, python
     launcher = os.environ.get(LAUNCHER_ENV)
     if launcher:
         return [*shlex.split(launcher), "-m", MODULE, str(config_path)]
-    processes = getattr(launch, "processes", 1) if launch is not None else 1
-    accelerate_config = getattr(launch, "accelerate_config", None) if launch is not None else None
+    processes = getattr(launch, "processes", 1)  # launch=None: one process
+    accelerate_config = getattr(launch, "accelerate_config", None)
     if accelerate_config:
         return [python, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
                 "--num_processes", str(processes), "-m", MODULE, str(config_path)]
@@ -49,7 +49,7 @@ def describe(launch: Any | None) -> str:
     launcher = os.environ.get(LAUNCHER_ENV)
     if launcher:
         return f"{LAUNCHER_ENV}={launcher!r} (overrides the declaration's launch section)"
-    processes = getattr(launch, "processes", 1) if launch is not None else 1
+    processes = getattr(launch, "processes", 1)
     if getattr(launch, "accelerate_config", None):
         return f"accelerate launch, {processes} process(es), config {launch.accelerate_config}"
     return f"torchrun, {processes} processes, data-parallel" if processes > 1 else "1 process"

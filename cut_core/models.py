@@ -41,9 +41,8 @@ def _linear_classes() -> tuple[type, ...]:
 
 def linear_module_names(model) -> list[str]:
     """Qualified names of the linear layers peft can adapt, the output head excluded."""
-    head = model.get_output_embeddings()
-    return [name for name, module in model.named_modules()
-            if isinstance(module, _linear_classes()) and module is not head]
+    head, linear = model.get_output_embeddings(), _linear_classes()
+    return [name for name, module in model.named_modules() if isinstance(module, linear) and module is not head]
 
 
 def mlp_targets(model) -> list[str]:
