@@ -38,29 +38,26 @@ def mlruns_dir() -> Path:
     return Path(os.environ.get("CUT_ALIGN_MLRUNS", "mlruns")).resolve()
 
 
-# mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into this process's environment: the
-# value we put there must not later pass for the user's own choice (it would pin the first store).
-_set_by_us: str | None = None
-
-
 def tracking_uri() -> str:
     """The user's MLFLOW_TRACKING_URI (e.g. a tracking server), else SQLite under mlruns_dir()."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env and env != _set_by_us:
-        return env
-    return f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
 
 
 def use_store() -> MlflowClient:
-    """Point mlflow at the project store and return a client for it."""
-    global _set_by_us
+    """Point mlflow at the project store and return a client for it.
+
+    mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into this process's environment; that
+    is put back as it was, so our choice never passes for the user's own later (it would pin the
+    first store for a long-lived worker, a notebook or a test session)."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         mlruns_dir().mkdir(parents=True, exist_ok=True)
-    user_chosen = uri == os.environ.get("MLFLOW_TRACKING_URI")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    if not user_chosen:
-        _set_by_us = uri
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     return MlflowClient(uri)
 
 

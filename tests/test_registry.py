@@ -5,6 +5,7 @@ a recurring round starts from the champion even when no local model folder is le
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -268,6 +269,7 @@ def test_the_store_follows_cut_align_mlruns_after_mlflow_wrote_its_env_var(tmp_p
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "a"))
     store.use_store()
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # what mlflow wrote there is put back
     monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "b"))
     assert store.tracking_uri() == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'server.db'}")

@@ -307,6 +307,7 @@ def test_an_echoed_key_leaves_no_trace_and_a_poorly_judged_model_is_not_promoted
     server.thread.start()
     try:
         monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "mlruns"))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # this test's store, whatever ran before
         monkeypatch.setenv("TRUST_E2E_KEY", KEY)
         rows = ([{"instruction": f"label-good-{i}", "response": f"a fine answer {i}"} for i in range(8)]
                 + [{"instruction": f"label-bad-{i}", "response": f"a poor answer {i}"} for i in range(8)]
