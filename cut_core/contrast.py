@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import polars as pl
 
 from cut_core import sequences, templates
-from cut_core.dsl import Objective
+from cut_core.dsl import ILFDPO, ILFMLE, ObjectiveSection
 
 # Bump when the way examples are built changes: old files must not be reused.
 FORMAT_VERSION = 1
@@ -143,13 +143,14 @@ def _triplets_hash(frame: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
-def _settings(objective: Objective, template: str, max_length: int, seed: int, refine_name: str | None) -> dict:
-    # Only the objective's *data* settings: a sweep over threshold/alpha/gamma reuses one file.
+def _settings(objective: ObjectiveSection, template: str, max_length: int, seed: int,
+              refine_name: str | None) -> dict:
+    # Only the objective's *data* settings (align_p_ratio, refined_column where the method has
+    # them): a sweep over threshold/alpha/gamma reuses one file.
     return {
         "format_version": FORMAT_VERSION,
         "objective": objective.name,
-        "align_p_ratio": objective.align_p_ratio,
-        "refined_column": objective.refined_column,
+        **objective.data_settings(),
         "refine_fn": refine_name if objective.name == "ilf_mle" else None,
         "template": template,
         "max_length": max_length,
@@ -162,7 +163,7 @@ def examples_digest(
     triplets: pl.DataFrame,
     tokenizer: Any,
     *,
-    objective: Objective,
+    objective: ObjectiveSection,
     template: str,
     max_length: int,
     seed: int = 42,
@@ -183,7 +184,7 @@ def _digest(frame: pl.DataFrame, tokenizer: Any, settings: dict) -> str:
 
 def _plan(
     frame: pl.DataFrame,
-    objective: Objective,
+    objective: ObjectiveSection,
     seed: int,
     refine_fn: RefineFn | None,
     stats: dict,
@@ -252,7 +253,7 @@ def _plan(
     return pl.concat(parts).sort("triplet_id", "order")
 
 
-def _ilf_rows(pos: pl.DataFrame, neg: pl.DataFrame, objective: Objective, refine_fn: RefineFn | None,
+def _ilf_rows(pos: pl.DataFrame, neg: pl.DataFrame, objective: ILFMLE, refine_fn: RefineFn | None,
               stats: dict, rows: Callable[..., pl.DataFrame]) -> pl.DataFrame:
     """ILF-MLE: y_hat | x. Positives keep their y (a positive judgment asks for no change)."""
     pos = pos.with_columns(pl.coalesce(_data_refinement(objective), pl.col("response")).alias("y_hat"))
@@ -262,14 +263,14 @@ def _ilf_rows(pos: pl.DataFrame, neg: pl.DataFrame, objective: Objective, refine
                       rows(usable, "mle", 0, "plain", target=pl.col("y_hat"))])
 
 
-def _data_refinement(objective: Objective) -> pl.Expr:
+def _data_refinement(objective: ILFMLE | ILFDPO) -> pl.Expr:
     """The data's `refined` text when the objective reads it and it is not blank, else null."""
     if not objective.refined_column:
         return pl.lit(None, dtype=pl.String)
     return pl.when(pl.col("refined").str.strip_chars() != "").then(pl.col("refined"))
 
 
-def refined_negatives(neg: pl.DataFrame, objective: Objective, refine_fn: RefineFn | None,
+def refined_negatives(neg: pl.DataFrame, objective: ILFMLE | ILFDPO, refine_fn: RefineFn | None,
                       stats: dict) -> pl.DataFrame:
     """The negatives that have a refinement, with it as `y_hat` (ILF-MLE and ILF-DPO).
 
@@ -413,7 +414,7 @@ def materialize(
     triplets: pl.DataFrame,
     tokenizer: Any,
     *,
-    objective: Objective,
+    objective: ObjectiveSection,
     template: str = "alpaca",
     max_length: int = 2048,
     out_dir: str | Path,
@@ -427,7 +428,8 @@ def materialize(
         judgment, polarity ('positive' | 'negative' | null = unlabeled, skipped) and optionally
         refined.
     tokenizer: a transformers tokenizer (needs an EOS token; a chat template for template='chat').
-    objective: the DSL objective; name, align_p_ratio and refined_column decide the rows.
+    objective: the DSL objective section; its name and data_settings() (align_p_ratio for cut and
+        self_distill, refined_column for ilf_mle) decide the rows.
     refine_fn: ilf_mle only; called once with the (instruction, response, judgment) of every
         negative that has no refined text, returns one refinement (or None) each. It enters the
         digest by `refine_name` (default: its module and qualified name): change the name when

@@ -345,7 +345,7 @@ MODEL_SIZE = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "intermediate
 WARM_START = {"steps": 1200, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "p_drop": 0.75,
               "judge_fraction": 0.5, "judgment_loss_weight": 1.0}
 
-# The online CUT settings of the demo, as DSL sections (Objective, Training, Online, Evaluation;
+# The online CUT settings of the demo, as DSL sections (the CUT objective, Training, Online, Evaluation;
 # adapter None = full fine-tune). Measured with 4 base seeds x 2 training seeds, 500 new prompts
 # per iteration, 500 held-out problems: base 52-54% -> iteration 1: 88-97% -> iteration 3:
 # 93-98%; SFT on the correct answers at the same settings stays at 52-67%. lr matters: 3e-5 is

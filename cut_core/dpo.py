@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cut_core.dsl import LoRA, Objective, Training
+from cut_core.dsl import DPO, ILFDPO, LoRA, Training
 
 INSTALL_HINT = "objectives 'dpo' and 'ilf_dpo' need TRL: pip install 'cut-align[dpo]'"
 
@@ -34,7 +34,7 @@ def build_trainer(
     model_path: str,
     pairs_path: str,
     checkpoints: Path,
-    objective: Objective,
+    objective: DPO | ILFDPO,
     adapter: LoRA | None,
     training: Training,
     tokenizer: Any,

@@ -12,8 +12,12 @@ params as-is.
                         columns={"instruction": "question", "response": "answer",
                                  "judgment": "feedback"})],
         model=Model(path="models/my-llama"),
-        objective=Objective(name="cut", threshold=1.2, alpha=0.5),
+        objective=CUT(threshold=1.2, alpha=0.5),
     )
+
+The objective is one section per method (CUT, SFT, Hindsight, ForwardPrediction, ILFMLE, DPO,
+ILFDPO, SelfDistill), chosen by its `name` as judges are by `kind`; each holds only what its
+method reads. `Objective(name=..., ...)`, the one class it replaced, still builds the section.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import ipaddress
 import json
 import runpy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 CANONICAL_COLUMNS = ("instruction", "input", "response", "judgment")
 
@@ -234,44 +240,157 @@ class OpenAIJudge(Section):
 Judge = Annotated[Union[FunctionJudge, TransformersJudge, OpenAIJudge], Field(discriminator="kind")]
 
 
-# ---------------------------------------------------------------- objective, adapter, training
+# ---------------------------------------------------------------- objectives: one section per method
 
 # The objectives trained by TRL's DPOTrainer on preference pairs (the 'dpo' extra).
 DPO_OBJECTIVES = ("dpo", "ilf_dpo")
 # Objectives that train on CUT's Align-N/Misalign pairs (contrast.py materializes them alike).
 PAIRED_OBJECTIVES = ("cut", "self_distill")
+# lambda of Eq. 5 when a declaration gives none; also the evaluation's flag report for methods
+# that have no threshold of their own (ObjectiveSection.flag_threshold).
+DEFAULT_THRESHOLD = 1.2
+
+# Every field of the one-class Objective that preceded the sections, with its default. A dump of
+# that class (Pipeline.to_json() before the sections) holds all of them; see _legacy_dump.
+LEGACY_OBJECTIVE_DEFAULTS: dict[str, Any] = {
+    "name": "cut", "threshold": DEFAULT_THRESHOLD, "alpha": 0.5, "gamma": 0.0, "weighting": "reference",
+    "align_p_ratio": 0.25, "refined_column": True, "refiner": "model", "refine_max_new_tokens": 256,
+    "beta": 0.1, "distillation_alpha": 0.5,
+}
 
 
-class Objective(Section):
-    name: Literal["cut", "sft", "hindsight", "forward_prediction", "ilf_mle", "dpo", "ilf_dpo", "self_distill"] = Field(
-        default="cut",
-        description="training objective: cut, or a baseline (sft, hindsight, forward_prediction, ilf_mle; "
-                    "dpo and ilf_dpo need the 'dpo' extra: pip install 'cut-align[dpo]'; self_distill: the "
-                    "model with the judgment in context (Align-N) is the teacher of the plain context (Misalign))")
+class ObjectiveSection(Section):
+    """Base of the objective sections: each method declares only the fields it reads, chosen by
+    `name` the way judges are chosen by `kind` (TRL keeps one config per trainer likewise).
+    A field of another method is refused with the fields this one reads and the section to write."""
+
+    name: str
+    # The fields that decide which examples are built (contrast.py puts them in the file's digest);
+    # the others (loss settings) leave the examples as they are, so a sweep reuses one file.
+    data_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def reads(cls) -> tuple[str, ...]:
+        """The settings this method reads (every field but `name`), in declaration order."""
+        return tuple(f for f in cls.model_fields if f != "name")
+
+    def data_settings(self) -> dict[str, Any]:
+        """{field: value} of `data_fields`: what the examples file depends on besides the name."""
+        return {f: getattr(self, f) for f in self.data_fields}
+
+    def flag_threshold(self) -> float:
+        """lambda of the evaluation's token-flag report (Eq. 5): CUT's own threshold; a method
+        without one is shown the tokens CUT would flag at its default."""
+        return DEFAULT_THRESHOLD
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_own_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        own = set(cls.model_fields)
+        foreign = [k for k in data if k not in own]
+        if foreign and _legacy_dump(data):
+            # A dump of the old one-class Objective carries every method's fields at their
+            # defaults: those say nothing and are dropped; a value someone set is still refused.
+            data = {k: v for k, v in data.items()
+                    if k in own or k not in LEGACY_OBJECTIVE_DEFAULTS or v != LEGACY_OBJECTIVE_DEFAULTS[k]}
+            foreign = [k for k in data if k not in own]
+        if foreign:
+            raise PydanticCustomError("objective_field", "{message}",
+                                      {"message": _foreign_fields_message(cls, data, foreign)})
+        return data
+
+
+def _legacy_dump(data: dict) -> bool:
+    return set(LEGACY_OBJECTIVE_DEFAULTS) <= set(data)
+
+
+def _foreign_fields_message(cls: type[ObjectiveSection], data: dict, foreign: list[str]) -> str:
+    """One line: the fields refused, what the method reads, where a foreign field belongs, and
+    the declaration to write instead."""
+    name = cls.model_fields["name"].default
+    refused = ", ".join(repr(f) for f in foreign)
+    reads = f"reads: {', '.join(cls.reads())}" if cls.reads() else "reads no settings"
+    by_owner: dict[str, list[str]] = {}
+    for f in foreign:
+        owners = ", ".join(c.__name__ for c in OBJECTIVES.values() if f in c.model_fields)
+        if owners:
+            by_owner.setdefault(owners, []).append(repr(f))
+    belongs = "".join(f"; {', '.join(fs)} {'belong' if len(fs) > 1 else 'belongs'} to {o}" for o, fs in by_owner.items())
+    kept = ", ".join(f"{k}={v!r}" for k, v in data.items() if k in cls.model_fields and k != "name")
+    return (f"objective {name!r} has no field{'s' * (len(foreign) > 1)} {refused} ({cls.__name__} {reads}"
+            f"{belongs}): write {cls.__name__}({kept})")
+
+
+def _align_p_ratio() -> Any:
+    return Field(default=0.25, ge=0.0,
+                 description="keep at most ratio x #negatives Align-P examples (None keeps all)")
+
+
+def _beta() -> Any:
+    return Field(default=0.1, gt=0.0, description="the DPO temperature beta")
+
+
+class CUT(ObjectiveSection):
+    """Contrastive unlikelihood training (METHOD.md): MLE on Align-P and Align-N, unlikelihood on
+    the Misalign tokens the judgment flags."""
+    name: Literal["cut"] = Field(default="cut", description="cut: contrastive unlikelihood training")
     threshold: float = Field(
-        default=1.2, ge=1.0,
+        default=DEFAULT_THRESHOLD, ge=1.0,
         description="lambda of Eq. 5: a token is flagged when p(y|x,j-)/p(y|x) > threshold (>= 1; 1.1 online, 1.2 offline; inf disables)")
     alpha: float = Field(default=0.5, gt=0.0, le=1.0, description="unlikelihood weight alpha in (0, 1]")
     gamma: float = Field(default=0.0, ge=0.0, description="focal exponent gamma of w = alpha * p^gamma (0 = reference code)")
     weighting: Literal["reference", "paper"] = Field(
         default="reference", description="'reference': 1/2(NLL(Align-N)+L1) per negative; 'paper': L1 + L2")
-    align_p_ratio: float | None = Field(
-        default=0.25, ge=0.0,
-        description="keep at most ratio x #negatives Align-P examples (None keeps all)")
-    refined_column: bool = Field(
-        default=True,
-        description="ilf_mle/ilf_dpo: use the data's 'refined' column when present, else ask the refiner")
-    refiner: str | None = Field(
-        default="model",
-        description="ilf_mle/ilf_dpo: who writes a refinement the data lacks: 'model' (the model being "
-                    "aligned, prompted with the refine template), a 'module:function' taking a list of "
-                    "(instruction, response, judgment) and returning one text or None each, or None (skip)")
-    refine_max_new_tokens: int = Field(default=256, ge=1, description="refiner='model': refinement length cap")
-    beta: float = Field(default=0.1, gt=0.0, description="dpo/ilf_dpo: the DPO temperature beta")
+    align_p_ratio: float | None = _align_p_ratio()
+    data_fields: ClassVar[tuple[str, ...]] = ("align_p_ratio",)
+
+    def flag_threshold(self) -> float:
+        return self.threshold
+
+
+class SelfDistill(ObjectiveSection):
+    """Judgment-conditioned self-distillation on CUT's pairs: the model with the judgment in
+    context (Align-N, no gradient) teaches the plain context (Misalign); Align-P is NLL."""
+    name: Literal["self_distill"] = Field(
+        default="self_distill", description="self_distill: the model with the judgment in context (Align-N) "
+                                            "is the teacher of the plain context (Misalign)")
     distillation_alpha: float = Field(
         default=0.5, ge=0.0, le=1.0,
-        description="self_distill: divergence as TRL's SDFT/SDPO mix it: 0 forward KL(teacher||student), "
+        description="divergence as TRL's SDFT/SDPO mix it: 0 forward KL(teacher||student), "
                     "1 reverse KL(student||teacher), in between generalized JSD (0.5, SDFT's default)")
+    align_p_ratio: float | None = _align_p_ratio()
+    data_fields: ClassVar[tuple[str, ...]] = ("align_p_ratio",)
+
+
+class SFT(ObjectiveSection):
+    """Baseline: MLE of y given x on the positives only."""
+    name: Literal["sft"] = Field(default="sft", description="sft: y given x, positives only")
+
+
+class Hindsight(ObjectiveSection):
+    """Baseline: MLE of y given [x, j] on every triplet."""
+    name: Literal["hindsight"] = Field(default="hindsight", description="hindsight: y given [x, j], every triplet")
+
+
+class ForwardPrediction(ObjectiveSection):
+    """Baseline: MLE of y given x, then of j given [x, y], on every triplet."""
+    name: Literal["forward_prediction"] = Field(
+        default="forward_prediction", description="forward_prediction: y given x, then j given [x, y]")
+
+
+class _Refinement(ObjectiveSection):
+    """The settings ILF-MLE and ILF-DPO share: where a refinement of a negative comes from."""
+    refined_column: bool = Field(
+        default=True, description="use the data's 'refined' column when present, else ask the refiner")
+    refiner: str | None = Field(
+        default="model",
+        description="who writes a refinement the data lacks: 'model' (the model being aligned, prompted with "
+                    "the refine template), a 'module:function' taking a list of (instruction, response, "
+                    "judgment) and returning one text or None each, or None (skip)")
+    refine_max_new_tokens: int = Field(default=256, ge=1, description="refiner='model': refinement length cap")
+    data_fields: ClassVar[tuple[str, ...]] = ("refined_column",)
 
     @field_validator("refiner")
     @classmethod
@@ -280,6 +399,71 @@ class Objective(Section):
             raise ValueError("refiner must be 'model', a 'module:function' spec, or None")
         return v
 
+
+class ILFMLE(_Refinement):
+    """Baseline: MLE of a refinement y_hat given x (imitation learning from language feedback)."""
+    name: Literal["ilf_mle"] = Field(default="ilf_mle", description="ilf_mle: a refinement y_hat given x")
+
+
+class DPO(ObjectiveSection):
+    """Baseline (TRL's DPOTrainer, the 'dpo' extra: pip install 'cut-align[dpo]'): pairs from
+    scalar rewards, the best-rewarded response of an instruction against each worse one; offline only."""
+    name: Literal["dpo"] = Field(default="dpo", description="dpo: TRL's DPO on pairs from scores, else polarity")
+    beta: float = _beta()
+
+
+class ILFDPO(_Refinement):
+    """Baseline (TRL's DPOTrainer, the 'dpo' extra): the refinement y_hat preferred over y for
+    every negative that has one."""
+    name: Literal["ilf_dpo"] = Field(default="ilf_dpo", description="ilf_dpo: TRL's DPO, y_hat preferred over y")
+    beta: float = _beta()
+
+
+# name -> section, in the order the docs list them.
+OBJECTIVES: dict[str, type[ObjectiveSection]] = {
+    "cut": CUT, "sft": SFT, "hindsight": Hindsight, "forward_prediction": ForwardPrediction, "ilf_mle": ILFMLE,
+    "dpo": DPO, "ilf_dpo": ILFDPO, "self_distill": SelfDistill,
+}
+_UNKNOWN_OBJECTIVE = ("objective name must be one of: " + ", ".join(OBJECTIVES)
+                      + " (cut, or a baseline; each has its own section: " + ", ".join(c.__name__ for c in OBJECTIVES.values()) + ")")
+
+
+def _objective_tag(value: Any) -> str | None:
+    # A declaration without a name is CUT's, as it was when Objective was one class.
+    if isinstance(value, dict):
+        return value.get("name", "cut")
+    return getattr(value, "name", None)
+
+
+AnyObjective = Annotated[
+    Union[Annotated[CUT, Tag("cut")], Annotated[SFT, Tag("sft")], Annotated[Hindsight, Tag("hindsight")],
+          Annotated[ForwardPrediction, Tag("forward_prediction")], Annotated[ILFMLE, Tag("ilf_mle")],
+          Annotated[DPO, Tag("dpo")], Annotated[ILFDPO, Tag("ilf_dpo")], Annotated[SelfDistill, Tag("self_distill")]],
+    Discriminator(_objective_tag, custom_error_type="objective_name", custom_error_message=_UNKNOWN_OBJECTIVE),
+]
+_OBJECTIVE_ADAPTER: TypeAdapter[ObjectiveSection] = TypeAdapter(AnyObjective)
+
+
+def parse_objective(data: str | dict | ObjectiveSection | None) -> ObjectiveSection:
+    """The section of a JSON text or dict (`{"name": "cut", "threshold": 1.1}`); no name means cut."""
+    if isinstance(data, ObjectiveSection):
+        return data
+    if isinstance(data, str):
+        return _OBJECTIVE_ADAPTER.validate_json(data)
+    return _OBJECTIVE_ADAPTER.validate_python(data or {})
+
+
+def Objective(name: str = "cut", **fields: Any) -> ObjectiveSection:  # noqa: N802 - the pre-sections class name
+    """The pre-sections form, kept for old declarations: `Objective(name="cut", threshold=1.1)` is
+    `CUT(threshold=1.1)`. A field the method does not read is refused with the section to write."""
+    cls = OBJECTIVES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValidationError.from_exception_data("Objective", [{
+            "type": PydanticCustomError("objective_name", _UNKNOWN_OBJECTIVE), "loc": ("name",), "input": name}])
+    return cls(name=name, **fields)
+
+
+# ---------------------------------------------------------------- adapter, training
 
 class LoRA(Section):
     r: int = Field(default=16, gt=0, description="LoRA rank")
@@ -371,7 +555,10 @@ class Pipeline(Section):
     ingestion: Ingestion = Field(default_factory=Ingestion, description="ingestion limits")
     model: Model | None = Field(default=None, description="the model to align")
     judge: Judge | None = Field(default=None, description="who labels unlabeled rows and online generations")
-    objective: Objective = Field(default_factory=Objective, description="training objective and its hyper-parameters")
+    objective: AnyObjective = Field(
+        default_factory=CUT,
+        description="training objective, chosen by name, with only the settings it reads: " + ", ".join(
+            f"{c.__name__} ({n})" for n, c in OBJECTIVES.items()))
     adapter: LoRA | None = Field(default_factory=LoRA, description="LoRA settings; None with training.full_finetune")
     training: Training = Field(default_factory=Training, description="optimizer and schedule")
     launch: Launch = Field(default_factory=Launch, description="training processes and launcher")
@@ -438,7 +625,7 @@ class PipelineError(ValueError):
 SECTION_PATHS: dict[str, str] = {
     "Pipeline": "", "Source": "sources[i]", "Polarity": "sources[i].polarity", "Ingestion": "ingestion",
     "Model": "model", "FunctionJudge": "judge", "TransformersJudge": "judge", "OpenAIJudge": "judge",
-    "Objective": "objective", "LoRA": "adapter", "Training": "training", "Online": "online",
+    "Objective": "objective", **{c.__name__: "objective" for c in OBJECTIVES.values()}, "LoRA": "adapter", "Training": "training", "Online": "online",
     "Evaluation": "evaluation",
 }
 JUDGE_KINDS = {"function": FunctionJudge, "transformers": TransformersJudge, "openai": OpenAIJudge}
@@ -452,6 +639,9 @@ def _field_description(model: type[BaseModel], loc: tuple) -> str | None:
         if isinstance(part, str) and part in JUDGE_KINDS:  # discriminated-union tag
             current = JUDGE_KINDS[part]
             continue
+        if isinstance(part, str) and part in OBJECTIVES and _is_objective(current):  # objective's tag
+            current = OBJECTIVES[part]
+            continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
             continue
@@ -461,6 +651,20 @@ def _field_description(model: type[BaseModel], loc: tuple) -> str | None:
                   for a in (a, *getattr(a, "__args__", ()))]
         current = next((a for a in nested if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return description
+
+
+def _is_objective(model: Any) -> bool:
+    return isinstance(model, type) and issubclass(model, ObjectiveSection)
+
+
+def _shown_loc(loc: tuple) -> list[str]:
+    """The location as the declaration reads: `objective.alpha`, not `objective.cut.alpha` (the
+    tag pydantic puts in is the name the user already wrote)."""
+    return [str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] == "objective" and p in OBJECTIVES)]
+
+
+# Errors whose message already says what to write: no field description is added to them.
+_SELF_EXPLAINED = ("objective_field", "objective_name")
 
 
 # A value given to a field whose name contains one of these is never repeated in an error: it may
@@ -478,7 +682,7 @@ def format_validation_error(err: ValidationError) -> str:
     prefix = SECTION_PATHS.get(err.title, "")
     lines = [f"invalid pipeline declaration ({err.error_count()} problem(s)):"]
     for e in err.errors():
-        loc = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or prefix or "(top level)"
+        loc = ".".join([prefix] * bool(prefix) + _shown_loc(e["loc"])) or prefix or "(top level)"
         got = e.get("input")
         got_text = ("" if isinstance(got, (dict, list, BaseModel)) or got is None or _may_hold_secret(e["loc"])
                     else f" (got {got!r})")
@@ -486,7 +690,7 @@ def format_validation_error(err: ValidationError) -> str:
             lines.append(f"  - {loc}: unknown field{got_text}; remove it or check its spelling")
             continue
         lines.append(f"  - {loc}: {e['msg']}{got_text}")
-        hint = _field_description(root, e["loc"])
+        hint = None if e["type"] in _SELF_EXPLAINED else _field_description(root, e["loc"])
         if hint:
             lines.append(f"      fix: {loc} is the {hint}")
     return "\n".join(lines)

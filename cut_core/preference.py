@@ -36,7 +36,7 @@ import polars as pl
 from cut_core import templates
 from cut_core.contrast import (RefineFn, _digest, check_template, labeled_triplets, refined_negatives,
                                refiner_name, write_with_stats)
-from cut_core.dsl import DPO_OBJECTIVES, Objective
+from cut_core.dsl import DPO_OBJECTIVES, ILFDPO, ObjectiveSection
 
 # Bump when the way pairs are built changes: old files must not be reused.
 FORMAT_VERSION = 1
@@ -67,7 +67,7 @@ def _scores_hash(frame: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
-def _settings(frame: pl.DataFrame, objective: Objective, template: str, refine_name: str | None) -> dict:
+def _settings(frame: pl.DataFrame, objective: ObjectiveSection, template: str, refine_name: str | None) -> dict:
     return {
         "format_version": f"preference-{FORMAT_VERSION}",
         "objective": objective.name,
@@ -102,7 +102,7 @@ def reward_pairs(frame: pl.DataFrame, stats: dict) -> pl.DataFrame:
     return pairs
 
 
-def refinement_pairs(frame: pl.DataFrame, objective: Objective, refine_fn: RefineFn | None,
+def refinement_pairs(frame: pl.DataFrame, objective: ILFDPO, refine_fn: RefineFn | None,
                      stats: dict) -> pl.DataFrame:
     """ILF-DPO: y_hat over y for every negative that has a refinement."""
     neg = frame.filter(pl.col("polarity") == "negative")
@@ -120,7 +120,7 @@ def materialize_pairs(
     triplets: pl.DataFrame,
     tokenizer: Any,
     *,
-    objective: Objective,
+    objective: ObjectiveSection,
     template: str = "alpaca",
     out_dir: str | Path,
     refine_fn: RefineFn | None = None,

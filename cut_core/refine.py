@@ -6,7 +6,7 @@ call a *refine_fn* for the negatives that have none:
 
     refine_fn(items: list[(instruction, response, judgment)]) -> list[str | None]
 
-`ModelRefiner` is the built-in one (the DSL's `objective.refiner = "model"`): the model being
+`ModelRefiner` is the built-in one (the DSL's `ILFMLE(refiner="model")` or `ILFDPO(...)`): the model being
 aligned, prompted with the refine template, greedy. Its `name` carries a fingerprint of the
 model's files, so the examples digest changes when the model does (a refinement written by
 iteration 1's model is never reused for iteration 2's). Any other function with the signature

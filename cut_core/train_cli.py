@@ -5,7 +5,7 @@ CONFIG.json keys:
     examples     the examples Parquet (contrast.py's output), or for dpo/ilf_dpo the pairs
                  Parquet (preference.py's output), trained by TRL's DPOTrainer (cut_core/dpo.py)
     output_dir   where everything below is written
-    objective    dsl.Objective as JSON (threshold, alpha, gamma, weighting, ...)
+    objective    the DSL objective section as JSON, chosen by name ({"name": "cut", "threshold": 1.1}, ...)
     adapter      dsl.LoRA as JSON, or null for full fine-tuning (needs training.full_finetune)
     training     dsl.Training as JSON
     report_to    optional: "none" (default), "mlflow", "tensorboard", ... (any Trainer integration)
@@ -143,7 +143,7 @@ def ProgressFile(path: Path):  # noqa: N802 — builds the callback without impo
 
 def validate_config(config: dict[str, Any]):
     """Check keys and parse the DSL sections; returns (objective, adapter, training)."""
-    from .dsl import LoRA, Objective, Training
+    from .dsl import LoRA, Training, parse_objective
 
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
@@ -151,7 +151,7 @@ def validate_config(config: dict[str, Any]):
     missing = [k for k in REQUIRED_KEYS if not config.get(k)]
     if missing:
         raise ValueError(f"config is missing {missing}")
-    objective = Objective.model_validate(config.get("objective") or {})
+    objective = parse_objective(config.get("objective") or {})
     # An absent adapter means the default LoRA; an explicit null means full fine-tuning.
     adapter_json = config.get("adapter", {})
     adapter = LoRA.model_validate(adapter_json) if adapter_json is not None else None
@@ -269,13 +269,25 @@ def _cut_trainer(config, objective, adapter, training, tokenizer, records, check
     except ValueError as err:  # LoRA targets that match nothing, an adapter-less non-full run
         raise UserError(str(err)) from err
     args = CUTConfig(
-        threshold=objective.threshold, alpha=objective.alpha, gamma=objective.gamma, weighting=objective.weighting,
-        objective="self_distill" if objective.name == "self_distill" else "cut",
-        distillation_alpha=objective.distillation_alpha,
+        **_loss_settings(objective),
         **training_arguments(training, output_dir=checkpoints, max_steps=config.get("max_steps"),
                              report_to=config.get("report_to") or "none"))
     return CUTTrainer(model=model, args=args, train_dataset=RecordDataset(records), processing_class=tokenizer,
                       callbacks=callbacks)
+
+
+def _loss_settings(objective) -> dict[str, Any]:
+    """The CUTConfig loss fields of a section: CUT's threshold/alpha/gamma/weighting, SelfDistill's
+    divergence mix; the MLE baselines set none (their examples are `mle` rows only, on which the
+    CUT loss is plain NLL whatever its settings)."""
+    from .dsl import CUT, SelfDistill
+
+    if isinstance(objective, CUT):
+        return dict(objective="cut", threshold=objective.threshold, alpha=objective.alpha, gamma=objective.gamma,
+                    weighting=objective.weighting)
+    if isinstance(objective, SelfDistill):
+        return dict(objective="self_distill", distillation_alpha=objective.distillation_alpha)
+    return dict(objective="cut")
 
 
 def main(argv: list[str] | None = None) -> int:

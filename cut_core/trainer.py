@@ -272,7 +272,7 @@ def padding_efficiency(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 @dataclass
 class CUTConfig(TrainingArguments):
     """`TrainingArguments` plus the CUT objective. Defaults of the objective follow the DSL's
-    `Objective`; the optimiser defaults follow METHOD.md §5 where the DSL passes them in."""
+    `CUT` and `SelfDistill` sections; the optimiser defaults follow METHOD.md §5 where the DSL passes them in."""
 
     threshold: float = field(default=1.2, metadata={
         "help": "lambda of Eq. 5: flag token t when p(y_t|x,j-)/p(y_t|x) > lambda (>= 1; inf flags nothing)."})

@@ -20,23 +20,20 @@ import sys
 from pathlib import Path
 
 
+# What `check` says of a method besides its settings.
+OBJECTIVE_NOTES = {
+    "self_distill": "teacher: Align-N, the judgment in context; student: Misalign",
+    "dpo": "via TRL; pairs from scores, else polarity",
+    "ilf_dpo": "via TRL",
+}
+
+
 def objective_summary(o) -> str:
-    """The objective and the settings it actually reads."""
-    refine = (f"refined column {'first' if o.refined_column else 'ignored'}, refiner {o.refiner}"
-              + (f" (max {o.refine_max_new_tokens} new tokens)" if o.refiner == "model" else ""))
-    if o.name == "cut":
-        return (f"cut (lambda {o.threshold}, alpha {o.alpha}, gamma {o.gamma}, weighting {o.weighting}, "
-                f"align_p_ratio {o.align_p_ratio})")
-    if o.name == "self_distill":
-        return (f"self_distill (teacher: Align-N, the judgment in context; student: Misalign; divergence mix "
-                f"distillation_alpha {o.distillation_alpha}; align_p_ratio {o.align_p_ratio})")
-    if o.name == "dpo":
-        return f"dpo via TRL (beta {o.beta}; pairs from scores, else polarity)"
-    if o.name == "ilf_dpo":
-        return f"ilf_dpo via TRL (beta {o.beta}; {refine})"
-    if o.name == "ilf_mle":
-        return f"ilf_mle ({refine})"
-    return o.name
+    """The objective's section as it is declared, with every setting it has (all it reads), e.g.
+    `CUT(threshold=1.2, alpha=0.5, gamma=0.0, weighting='reference', align_p_ratio=0.25)`."""
+    settings = ", ".join(f"{k}={v!r}" for k, v in o.model_dump(exclude={"name"}).items())
+    note = OBJECTIVE_NOTES.get(o.name)
+    return f"{type(o).__name__}({settings})" + (f": {note}" if note else "")
 
 
 def parse_map(items: list[str]) -> dict[str, str]:

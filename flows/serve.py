@@ -7,7 +7,7 @@ model of two bounded integers (`RunOverrides`). So a run started from the UI or 
 whole declaration as a parameter, or with any other override (say `model.build="os:system"`),
 is refused by the Prefect API (the deployment enforces its parameter schema) and, should one get
 through anyway, by the flow's own parameter validation, before anything is imported or run.
-Code references (`Model.build`, `FunctionJudge.callable`, `Objective.refiner`) can only come
+Code references (`Model.build`, `FunctionJudge.callable`, the ILF objectives' `refiner`) can only come
 from the declaration file the operator served.
 
 The deployment runs one flow run at a time (concurrency limit 1, and the runner takes one at a

@@ -44,7 +44,7 @@ def evaluate_model(pipeline_json: str, model_path: str, out_dir: str, label: str
     judge = pipeline_judge(pipeline)  # resolves a Prefect Secret API key when declared
     result = evaluate(model, tokenizer, rows, judge, max_new_tokens=spec.max_new_tokens,
                       batch_size=pipeline.online.generation_batch_size, samples=spec.samples,
-                      threshold=pipeline.objective.threshold, template=pipeline.model.template,
+                      threshold=pipeline.objective.flag_threshold(), template=pipeline.model.template,
                       max_length=pipeline.model.max_length, max_failed_rate=spec.max_failed_rate,
                       min_judged=spec.min_judged)
     out = Path(out_dir)

@@ -18,12 +18,12 @@ from prefect import task
 from cut_core import contrast, preference
 from cut_core import warehouse as wh
 from cut_core.contrast import RefineFn
-from cut_core.dsl import DPO_OBJECTIVES, Objective, import_callable
+from cut_core.dsl import DPO_OBJECTIVES, ILFDPO, ILFMLE, ObjectiveSection, import_callable, parse_objective
 from tasks.logs import task_logger
 
-def refiner_for(objective: Objective, model_path: str, template: str) -> tuple[RefineFn | None, str | None]:
+def refiner_for(objective: ObjectiveSection, model_path: str, template: str) -> tuple[RefineFn | None, str | None]:
     """(refine_fn, its digest name) for objective.refiner; (None, None) where no refiner applies."""
-    if objective.name not in ("ilf_mle", "ilf_dpo") or objective.refiner is None:
+    if not isinstance(objective, (ILFMLE, ILFDPO)) or objective.refiner is None:
         return None, None
     if objective.refiner == "model":
         from cut_core.refine import ModelRefiner
@@ -52,7 +52,7 @@ def materialize_examples(
         (offline pipelines train on the files their ingest step reports, whichever batch or path
         first ingested them).
     sources: optionally keep only triplets ingested from these paths.
-    objective_json: the DSL `Objective` as JSON (`pipeline.objective.model_dump_json()`).
+    objective_json: the DSL objective section as JSON (`pipeline.objective.model_dump_json()`).
     ILF objectives refine the negatives that lack a refined text with objective.refiner: 'model'
     (the model at `model_path`) or a 'module:function'; the refiner's name enters the digest.
     Returns {"path": str, "digest": str, "stats": dict}; the file is
@@ -60,7 +60,7 @@ def materialize_examples(
     """
     from transformers import AutoTokenizer  # heavy import, only when the task runs
 
-    objective = Objective.model_validate_json(objective_json)
+    objective = parse_objective(objective_json)
     con = wh.connect(warehouse, read_only=True)
     try:
         triplets = wh.labeled_triplets(con, batch=batch, digests=digests, sources=sources)
