@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "work" / "bench-judgment-vs-reward"))
     args = parser.parse_args()
 
-    from cut_core.dsl import Polarity, Source
+    from cut_core.dsl import DPO, Polarity, Source
     from flows.align import offline_align, prepare_model
     from flows.demo import demo_pipeline, standard_error
 
@@ -85,7 +85,7 @@ def main() -> None:
     accuracy, seconds, stats, base = {"cut": {}, "dpo": {}}, {}, {}, None
     for name in ("cut", "dpo"):
         for lr in [float(x) for x in args.lrs.split(",")]:
-            objective = demo.objective.model_copy(update={"name": name, "beta": args.beta})
+            objective = demo.objective if name == "cut" else DPO(beta=args.beta)
             pipeline = demo.model_copy(update={
                 "name": f"judgment-vs-reward-{name}", "workdir": str(workdir / name), "sources": [source],
                 "objective": objective, "training": demo.training.model_copy(update={"learning_rate": lr}),

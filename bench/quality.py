@@ -122,7 +122,7 @@ def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, 
     """What `method` trains on this iteration: ("examples" | "pairs", file or None, stats)."""
     from cut_core.contrast import materialize, read_stats
     from cut_core.demo_task import control_judgments, greedy_answers, judge
-    from cut_core.dsl import Objective
+    from cut_core.dsl import CUT, ILFDPO, ILFMLE, SelfDistill, parse_objective
     from cut_core.generate import load_model
     from cut_core.preference import materialize_pairs
     from cut_core.refine import ModelRefiner
@@ -141,8 +141,12 @@ def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, 
 
     name = {"rs_sft": "sft", "unlikelihood": "cut"}.get(method, method)
     refiner = ModelRefiner(model_path, max_new_tokens=ANSWER_TOKENS, batch_size=100) if method.startswith("ilf") else None
-    objective = Objective(name=name, threshold=1.1, alpha=1.0, align_p_ratio=0.25, refiner="model",
-                          refine_max_new_tokens=ANSWER_TOKENS)
+    # Each method's own section: the data settings it reads (the loss settings are train_iteration's).
+    sections = {"cut": CUT(threshold=1.1, alpha=1.0, align_p_ratio=0.25),
+                "self_distill": SelfDistill(align_p_ratio=0.25),
+                "ilf_mle": ILFMLE(refiner="model", refine_max_new_tokens=ANSWER_TOKENS),
+                "ilf_dpo": ILFDPO(refiner="model", refine_max_new_tokens=ANSWER_TOKENS)}
+    objective = sections[name] if name in sections else parse_objective({"name": name})  # sft, hindsight, ...
     if name in ("dpo", "ilf_dpo"):
         try:
             path = materialize_pairs(frame, tokenizer, objective=objective, out_dir=out, refine_fn=refiner)
@@ -187,7 +191,7 @@ def train_iteration(method: str, kind: str, data: Path, model_path: str, out: Pa
     """S optimizer steps of `method` on `data` from `model_path`; returns the trained model folder."""
     from transformers import AutoTokenizer
 
-    from cut_core.dsl import Objective
+    from cut_core.dsl import DPO
     from cut_core.trainer import (CUTConfig, CUTTrainer, RecordDataset, load_model, load_records, save_final,
                                   training_arguments)
 
@@ -202,7 +206,7 @@ def train_iteration(method: str, kind: str, data: Path, model_path: str, out: Pa
         from cut_core.dpo import build_trainer
 
         trainer = build_trainer(model_path=model_path, pairs_path=str(data), checkpoints=out / "checkpoints",
-                                objective=Objective(name="dpo"), adapter=None, training=training,
+                                objective=DPO(), adapter=None, training=training,
                                 tokenizer=tokenizer, max_steps=steps, max_length=MAX_LENGTH, report_to="none",
                                 callbacks=[])
         trainer.args.save_strategy = "no"

@@ -9,7 +9,7 @@ holding its key in api_key_env.
 
 import os
 
-from cut_core.dsl import Evaluation, Model, Objective, Online, OpenAIJudge, Pipeline
+from cut_core.dsl import CUT, Evaluation, Model, Online, OpenAIJudge, Pipeline
 
 pipeline = Pipeline(
     name="cut-online",
@@ -17,7 +17,7 @@ pipeline = Pipeline(
     model=Model(path=os.environ.get("CUT_ALIGN_MODEL", "models/llama-2-13b-chat")),
     judge=OpenAIJudge(base_url=os.environ.get("CUT_ALIGN_JUDGE_URL", "https://api.openai.com/v1"),
                       model="gpt-4", concurrency=8),
-    objective=Objective(name="cut", threshold=1.1, alpha=1.0),   # the paper's online settings
+    objective=CUT(threshold=1.1, alpha=1.0),   # the paper's online settings
     online=Online(iterations=4, prompts="../work/prompts/alpaca_instructions.jsonl",
                   prompts_per_iteration=1000, max_new_tokens=512),
     evaluation=Evaluation(heldout="../work/prompts/heldout.jsonl", max_prompts=200),

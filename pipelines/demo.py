@@ -7,14 +7,14 @@ the triplets; the merged model is evaluated on 500 held-out problems and answers
 iteration. `cut-align demo` runs this declaration and prints the accuracy table.
 """
 
-from cut_core.dsl import Evaluation, FunctionJudge, Model, Objective, Online, Pipeline, Training
+from cut_core.dsl import CUT, Evaluation, FunctionJudge, Model, Online, Pipeline, Training
 
 pipeline = Pipeline(
     name="arithmetic-demo",
     workdir="../work/demo",
     model=Model(path="../work/demo/base-model", build="cut_core.demo_task:build_base_model", max_length=128),
     judge=FunctionJudge(callable="cut_core.demo_task:judge"),
-    objective=Objective(name="cut", threshold=1.1, alpha=1.0, align_p_ratio=0.25),   # the paper's online settings
+    objective=CUT(threshold=1.1, alpha=1.0, align_p_ratio=0.25),   # the paper's online settings
     adapter=None,
     training=Training(full_finetune=True, learning_rate=1e-5, epochs=1, micro_batch_size=16,
                       gradient_accumulation=1, scheduler="constant", warmup_steps=0, save_steps=1000,

@@ -8,7 +8,7 @@ prefers the refinement over the original answer. Needs the `dpo` extra:
 
 import os
 
-from cut_core.dsl import LoRA, Model, Objective, Pipeline, Source, Training
+from cut_core.dsl import ILFDPO, LoRA, Model, Pipeline, Source, Training
 
 pipeline = Pipeline(
     name="shepherd-ilf-dpo",
@@ -18,7 +18,7 @@ pipeline = Pipeline(
         columns={"instruction": "question", "response": "answer", "judgment": "feedback"},
     )],
     model=Model(path=os.environ.get("CUT_ALIGN_MODEL", "models/llama-2-13b"), max_length=2048),
-    objective=Objective(name="ilf_dpo", refiner="model", refine_max_new_tokens=512, beta=0.1),
+    objective=ILFDPO(refiner="model", refine_max_new_tokens=512, beta=0.1),
     adapter=LoRA(r=16, alpha=16, dropout=0.05),
     training=Training(learning_rate=5e-5, epochs=1, micro_batch_size=1, gradient_accumulation=8,
                       warmup_steps=100, seed=42),

@@ -6,7 +6,7 @@ Point CUT_ALIGN_MODEL at a local Hugging Face causal LM directory (e.g. a LLaMA-
 
 import os
 
-from cut_core.dsl import LoRA, Model, Objective, Pipeline, Source, Training
+from cut_core.dsl import CUT, LoRA, Model, Pipeline, Source, Training
 
 pipeline = Pipeline(
     name="shepherd-offline",
@@ -16,7 +16,7 @@ pipeline = Pipeline(
         columns={"instruction": "question", "response": "answer", "judgment": "feedback"},
     )],
     model=Model(path=os.environ.get("CUT_ALIGN_MODEL", "models/llama-2-13b"), max_length=2048),
-    objective=Objective(name="cut", threshold=1.2, alpha=0.5),   # the paper's offline settings
+    objective=CUT(threshold=1.2, alpha=0.5),   # the paper's offline settings
     adapter=LoRA(r=16, alpha=16, dropout=0.05),
     training=Training(learning_rate=4e-4, epochs=1, micro_batch_size=1, gradient_accumulation=8,
                       warmup_steps=100, seed=42),

@@ -10,7 +10,7 @@ instructions (positive_rate = constraint-satisfaction rate) and answers the next
 `python bench/real_model.py` runs a CPU-sized version of this declaration and prints its figures.
 """
 
-from cut_core.dsl import Evaluation, FunctionJudge, LoRA, Model, Objective, Online, Pipeline, Training
+from cut_core.dsl import CUT, Evaluation, FunctionJudge, LoRA, Model, Online, Pipeline, Training
 
 pipeline = Pipeline(
     name="smollm2-constraints-online",
@@ -18,7 +18,7 @@ pipeline = Pipeline(
     model=Model(path="../work/models/smollm2-135m-instruct", build="cut_core.models:smollm2_from_pypi",
                 template="chat", max_length=384),
     judge=FunctionJudge(callable="cut_core.constraints_task:judge"),
-    objective=Objective(name="cut", threshold=1.1, alpha=1.0),   # the paper's online settings
+    objective=CUT(threshold=1.1, alpha=1.0),   # the paper's online settings
     adapter=LoRA(r=16, alpha=32, dropout=0.05),                  # target_modules='all-linear' (default)
     training=Training(learning_rate=2e-4, epochs=1, micro_batch_size=4, gradient_accumulation=4,
                       warmup_steps=5, save_steps=50, logging_steps=5, seed=42),

@@ -11,7 +11,7 @@ whether training on general judgments keeps or changes how well the model follow
 instructions. `python bench/real_model.py` runs a CPU-sized slice of this declaration.
 """
 
-from cut_core.dsl import Evaluation, FunctionJudge, LoRA, Model, Objective, Pipeline, Source, Training
+from cut_core.dsl import CUT, Evaluation, FunctionJudge, LoRA, Model, Pipeline, Source, Training
 
 pipeline = Pipeline(
     name="smollm2-offline",
@@ -20,7 +20,7 @@ pipeline = Pipeline(
     model=Model(path="../work/models/smollm2-135m-instruct", build="cut_core.models:smollm2_from_pypi",
                 template="chat", max_length=512),
     judge=FunctionJudge(callable="cut_core.constraints_task:judge"),
-    objective=Objective(name="cut", threshold=1.2, alpha=0.5),   # the paper's offline settings
+    objective=CUT(threshold=1.2, alpha=0.5),   # the paper's offline settings
     adapter=LoRA(r=16, alpha=32, dropout=0.05),                  # target_modules='all-linear' (default)
     training=Training(learning_rate=2e-4, epochs=1, micro_batch_size=4, gradient_accumulation=4,
                       warmup_steps=5, save_steps=50, logging_steps=5, seed=42),
