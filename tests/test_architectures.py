@@ -19,7 +19,7 @@ import torch
 
 from cut_core import train_cli
 from cut_core.contrast import materialize
-from cut_core.dsl import Objective
+from cut_core.dsl import CUT
 from cut_core.models import inspect_model, lora_targets, meta_model
 from cut_core.tiny import make_tiny_model
 
@@ -51,7 +51,7 @@ def test_default_lora_trains_merges_and_generates(arch_model, tmp_path):
     arch, model_dir = arch_model
     assert inspect_model(model_dir, max_length=128) == []
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = materialize(TRIPLETS, tokenizer, objective=Objective(name="cut", threshold=1.0, align_p_ratio=None),
+    examples = materialize(TRIPLETS, tokenizer, objective=CUT(threshold=1.0, align_p_ratio=None),
                            max_length=128, out_dir=tmp_path / "examples")
     config = {"model_path": str(model_dir), "examples": str(examples), "output_dir": str(tmp_path / "out"),
               "objective": {"name": "cut", "threshold": 1.0, "alpha": 1.0},

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import mlflow_runs_by_nesting
 
-from cut_core.dsl import LoRA, Model, Objective, Pipeline, Polarity, Source, Training
+from cut_core.dsl import DPO, ILFMLE, LoRA, Model, ObjectiveSection, Pipeline, Polarity, Source, Training
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def tiny_model(tmp_path):
     return make_tiny_model(tmp_path / "tiny", texts, vocab_size=400)
 
 
-def pipeline_for(tmp_path, source: Path, model: Path, objective: Objective) -> Pipeline:
+def pipeline_for(tmp_path, source: Path, model: Path, objective: ObjectiveSection) -> Pipeline:
     return Pipeline(
         name=f"rated-{objective.name.replace('_', '-')}", workdir=str(tmp_path / "work"),
         sources=[Source(paths=[str(source)], polarity=Polarity(score_column="rating", score_threshold=5))],
@@ -66,7 +66,7 @@ def test_offline_dpo_from_scores(tmp_path, scored_source, tiny_model, prefect_ha
     from flows.align import offline_align
 
     monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "mlruns"))
-    pipeline = pipeline_for(tmp_path, scored_source, tiny_model, Objective(name="dpo", beta=0.1))
+    pipeline = pipeline_for(tmp_path, scored_source, tiny_model, DPO(beta=0.1))
     result = offline_align(pipeline.to_json(), pipeline.name)
 
     (iteration,) = result["iterations"]
@@ -81,7 +81,7 @@ def test_offline_ilf_mle_with_model_written_refinements(tmp_path, scored_source,
     from flows.align import offline_align
 
     monkeypatch.setenv("CUT_ALIGN_MLRUNS", str(tmp_path / "mlruns"))
-    objective = Objective(name="ilf_mle", refiner="model", refine_max_new_tokens=8)
+    objective = ILFMLE(refiner="model", refine_max_new_tokens=8)
     pipeline = pipeline_for(tmp_path, scored_source, tiny_model, objective)
     offline_align(pipeline.to_json(), pipeline.name)
 

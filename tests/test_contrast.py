@@ -24,7 +24,7 @@ import pytest
 
 from cut_core import templates
 from cut_core.contrast import EXAMPLE_SCHEMA, examples_digest, materialize, read_stats
-from cut_core.dsl import Objective
+from cut_core.dsl import CUT, ForwardPrediction, Hindsight, ILFMLE, SFT
 from cut_core.tiny import make_tiny_model
 from cut_core.warehouse import content_key
 
@@ -67,7 +67,7 @@ SMALL = frame([
 
 
 def build(tok, tmp_path, triplets=SMALL, **kw) -> tuple[pl.DataFrame, Path]:
-    kw.setdefault("objective", Objective(name="cut", align_p_ratio=None))
+    kw.setdefault("objective", CUT(align_p_ratio=None))
     kw.setdefault("max_length", 256)
     path = materialize(triplets, tok, out_dir=tmp_path, **kw)
     return pl.read_parquet(path), path
@@ -186,7 +186,7 @@ def test_align_p_downsampling(tok, tmp_path):
     t = frame(rows)
 
     def kept(ratio, seed=0):
-        out, path = build(tok, tmp_path, triplets=t, objective=Objective(name="cut", align_p_ratio=ratio), seed=seed)
+        out, path = build(tok, tmp_path, triplets=t, objective=CUT(align_p_ratio=ratio), seed=seed)
         return sorted(out.filter(pl.col("kind") == "align_p")["triplet_id"].to_list()), read_stats(path)
 
     ids, stats = kept(0.25)
@@ -201,18 +201,18 @@ def test_align_p_downsampling(tok, tmp_path):
 # ---------------------------------------------------------------- digest addressing
 
 def test_digest_reuse_and_change(tok, tmp_path):
-    obj = Objective(name="cut", align_p_ratio=None)
+    obj = CUT(align_p_ratio=None)
     _, first = build(tok, tmp_path, objective=obj)
     mtime = first.stat().st_mtime_ns
     time.sleep(0.01)
     _, again = build(tok, tmp_path, triplets=SMALL.reverse(), objective=obj)  # row order does not matter
     assert again == first and first.stat().st_mtime_ns == mtime  # reused, not rewritten
     # Loss-only settings do not change the examples, hence not the digest.
-    assert build(tok, tmp_path, objective=Objective(name="cut", align_p_ratio=None, alpha=1.0))[1] == first
+    assert build(tok, tmp_path, objective=CUT(align_p_ratio=None, alpha=1.0))[1] == first
 
     changed = [
-        dict(objective=Objective(name="cut", align_p_ratio=0.5)),
-        dict(objective=Objective(name="sft")),
+        dict(objective=CUT(align_p_ratio=0.5)),
+        dict(objective=SFT()),
         dict(objective=obj, max_length=128),
         dict(objective=obj, seed=7),
         dict(objective=obj, triplets=SMALL.with_columns(
@@ -225,7 +225,7 @@ def test_digest_reuse_and_change(tok, tmp_path):
 
 
 def test_tokenizer_change_changes_digest(tok, chat_tok):
-    obj = Objective()
+    obj = CUT()
     a = examples_digest(SMALL, tok, objective=obj, template="alpaca", max_length=256)
     b = examples_digest(SMALL, chat_tok, objective=obj, template="alpaca", max_length=256)
     assert a != b
@@ -240,7 +240,7 @@ def responses(tok, out: pl.DataFrame) -> list[tuple[str, str, str]]:
 
 
 def test_sft_rows(tok, tmp_path):
-    out, _ = build(tok, tmp_path, objective=Objective(name="sft"))
+    out, _ = build(tok, tmp_path, objective=SFT())
     assert set(out["kind"]) == {"mle"}
     assert responses(tok, out) == [
         ("p1", templates.plain_prompt("What is 2 + 2?"), "2 + 2 = 4."),
@@ -249,7 +249,7 @@ def test_sft_rows(tok, tmp_path):
 
 
 def test_hindsight_rows(tok, tmp_path):
-    out, _ = build(tok, tmp_path, objective=Objective(name="hindsight"))
+    out, _ = build(tok, tmp_path, objective=Hindsight())
     got = {tid: (p, y) for tid, p, y in responses(tok, out)}
     assert set(got) == {"p1", "p2", "n1", "n2"}
     assert got["p1"] == (templates.judge_prompt("What is 2 + 2?", templates.POSITIVE_JUDGMENT_HINDSIGHT), "2 + 2 = 4.")
@@ -258,7 +258,7 @@ def test_hindsight_rows(tok, tmp_path):
 
 
 def test_forward_prediction_rows(tok, tmp_path):
-    out, _ = build(tok, tmp_path, objective=Objective(name="forward_prediction"))
+    out, _ = build(tok, tmp_path, objective=ForwardPrediction())
     got = responses(tok, out)
     assert len(got) == 8 and set(out["kind"]) == {"mle"}
     assert ("n1", templates.plain_prompt("What is 3 * 3?"), "3 * 3 = 6.") in got
@@ -269,7 +269,7 @@ def test_forward_prediction_rows(tok, tmp_path):
 
 def test_ilf_mle_rows(tok, tmp_path):
     t = SMALL.with_columns(pl.when(pl.col("id") == "n1").then(pl.lit("3 * 3 = 9.")).otherwise(None).alias("refined"))
-    out, path = build(tok, tmp_path, triplets=t, objective=Objective(name="ilf_mle"))
+    out, path = build(tok, tmp_path, triplets=t, objective=ILFMLE())
     got = {tid: y for tid, _, y in responses(tok, out)}
     assert got == {"p1": "2 + 2 = 4.", "p2": "Apple.", "n1": "3 * 3 = 9."}  # n2: no refinement, skipped
     stats = read_stats(path)
@@ -281,15 +281,15 @@ def test_ilf_mle_rows(tok, tmp_path):
         calls.append(items)
         return ["Hello!" for _ in items]
 
-    out, path = build(tok, tmp_path, triplets=t, objective=Objective(name="ilf_mle"), refine_fn=polite)
+    out, path = build(tok, tmp_path, triplets=t, objective=ILFMLE(), refine_fn=polite)
     assert calls == [[("Say hello.", "Go away.", "The response is rude.")]]  # only what lacks a refinement
     assert {tid: y for tid, _, y in responses(tok, out)}["n2"] == "Hello!"
     assert read_stats(path)["ilf_refined_generated"] == 1
-    build(tok, tmp_path, triplets=t, objective=Objective(name="ilf_mle"), refine_fn=polite)
+    build(tok, tmp_path, triplets=t, objective=ILFMLE(), refine_fn=polite)
     assert len(calls) == 1  # reused file: no second generation
 
     with pytest.raises(ValueError, match="needs a refiner"):
-        build(tok, tmp_path, triplets=t, objective=Objective(name="ilf_mle", refined_column=False))
+        build(tok, tmp_path, triplets=t, objective=ILFMLE(refined_column=False))
 
 
 def test_no_labeled_rows_writes_an_empty_file(tok, tmp_path):
@@ -312,7 +312,7 @@ def test_task_reads_warehouse(tok, tmp_path):
                      "b1" if i < 3 else "b2", i])
     con.close()
     tok.save_pretrained(tmp_path / "tok")
-    kw = dict(warehouse=str(db), model_path=str(tmp_path / "tok"), objective_json=Objective(align_p_ratio=None)
+    kw = dict(warehouse=str(db), model_path=str(tmp_path / "tok"), objective_json=CUT(align_p_ratio=None)
               .model_dump_json(), template="alpaca", max_length=128, workdir=str(tmp_path / "work"))
     res = materialize_examples.fn(batch=None, **kw)
     assert Path(res["path"]) == tmp_path / "work" / "examples" / f"{res['digest']}.parquet"
@@ -343,7 +343,7 @@ def test_real_cut_online_iter1(tok, tmp_path):
     assert n_neg == 287 - 47
 
     start = time.perf_counter()
-    out, path = build(tok, tmp_path, triplets=triplets, objective=Objective(name="cut"), max_length=1024)
+    out, path = build(tok, tmp_path, triplets=triplets, objective=CUT(), max_length=1024)
     seconds = time.perf_counter() - start
     stats = read_stats(path)
     print(f"iter1: {triplets.height} triplets -> {out.height} examples in {seconds:.2f}s; {stats['by_kind']}")

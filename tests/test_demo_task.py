@@ -132,16 +132,16 @@ def test_short_build_saves_an_offline_loadable_model(tmp_path, monkeypatch):
 
 
 def test_online_settings_are_valid_dsl_sections():
-    from cut_core.dsl import Evaluation, Objective, Online, Pipeline, Training
+    from cut_core.dsl import CUT, Evaluation, Online, Pipeline, Training, parse_objective
 
     s = dt.ONLINE_SETTINGS
     pipeline = Pipeline(
-        name="demo-settings", objective=Objective(**s["objective"]), adapter=s["adapter"],
+        name="demo-settings", objective=parse_objective(s["objective"]), adapter=s["adapter"],
         training=Training(**s["training"]),
         online=Online(prompts=str(DATA / "online.jsonl"), **s["online"]),
         evaluation=Evaluation(heldout=str(DATA / "heldout.jsonl"), **s["evaluation"]),
         judge={"kind": "function", "callable": "cut_core.demo_task:judge"})
-    assert pipeline.online.iterations >= 2
+    assert isinstance(pipeline.objective, CUT) and pipeline.online.iterations >= 2
     # every iteration takes new prompts: the bundled online file must hold them all
     assert pipeline.online.iterations * pipeline.online.prompts_per_iteration <= dt.N_ONLINE
     assert pipeline.evaluation.max_prompts >= 500          # noise ~2 points

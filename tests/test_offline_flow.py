@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import mlflow_runs_by_nesting
 
-from cut_core.dsl import Ingestion, LoRA, Model, Objective, Pipeline, Source, Training
+from cut_core.dsl import CUT, Ingestion, LoRA, Model, Pipeline, Source, Training
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_offline_cut_on_cut_online_iter1(tmp_path, shared_data, tiny_model, pref
         sources=[Source(paths=[str(shared_data / "cut-online" / "iter1.json")])],
         ingestion=Ingestion(max_reject_rate=0.10),
         model=Model(path=str(tiny_model), max_length=192),
-        objective=Objective(name="cut", threshold=1.1, alpha=1.0),
+        objective=CUT(threshold=1.1, alpha=1.0),
         adapter=LoRA(),
         training=Training(learning_rate=1e-3, micro_batch_size=4, gradient_accumulation=2, warmup_steps=0,
                           save_steps=1000, logging_steps=5),

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from conftest import mlflow_runs_by_nesting
 
-from cut_core.dsl import Evaluation, FunctionJudge, Model, Objective, Online, Pipeline, Training
+from cut_core.dsl import CUT, Evaluation, FunctionJudge, Model, Online, Pipeline, Training
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def online_pipeline(workdir: Path, model: Path, name: str) -> Pipeline:
         name=name, workdir=str(workdir),
         model=Model(path=str(model), max_length=128),
         judge=FunctionJudge(callable="cut_core.demo_task:judge"),
-        objective=Objective(name="cut", threshold=1.1, alpha=1.0),
+        objective=CUT(threshold=1.1, alpha=1.0),
         adapter=None,
         training=Training(full_finetune=True, learning_rate=1e-4, micro_batch_size=8, gradient_accumulation=1,
                           scheduler="constant", warmup_steps=0, save_steps=1000, logging_steps=2),

@@ -21,7 +21,7 @@ import torch
 
 from cut_core import train_cli
 from cut_core.contrast import read_stats
-from cut_core.dsl import Objective
+from cut_core.dsl import CUT, DPO, ILFDPO, ILFMLE
 from cut_core.preference import PAIR_SCHEMA, materialize_pairs
 from cut_core.refine import ModelRefiner, model_fingerprint
 from cut_core.tiny import make_tiny_model
@@ -61,7 +61,7 @@ def tok(tiny):
 # ---------------------------------------------------------------- the pairs
 
 def test_dpo_pairs_from_scores_then_polarity(tok, tmp_path):
-    path = materialize_pairs(SCORED, tok, objective=Objective(name="dpo"), out_dir=tmp_path)
+    path = materialize_pairs(SCORED, tok, objective=DPO(), out_dir=tmp_path)
     pairs = pl.read_parquet(path)
     assert dict(pairs.schema) == PAIR_SCHEMA
     got = {(r["chosen_id"], r["triplet_id"], r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"])
@@ -75,10 +75,10 @@ def test_dpo_pairs_from_scores_then_polarity(tok, tmp_path):
 
 
 def test_dpo_digest_follows_scores(tok, tmp_path):
-    first = materialize_pairs(SCORED, tok, objective=Objective(name="dpo"), out_dir=tmp_path)
-    assert materialize_pairs(SCORED, tok, objective=Objective(name="dpo"), out_dir=tmp_path) == first
+    first = materialize_pairs(SCORED, tok, objective=DPO(), out_dir=tmp_path)
+    assert materialize_pairs(SCORED, tok, objective=DPO(), out_dir=tmp_path) == first
     rescored = SCORED.with_columns(pl.when(pl.col("id") == "a3").then(10.0).otherwise(pl.col("score")).alias("score"))
-    second = materialize_pairs(rescored, tok, objective=Objective(name="dpo"), out_dir=tmp_path)
+    second = materialize_pairs(rescored, tok, objective=DPO(), out_dir=tmp_path)
     assert second != first
     assert set(pl.read_parquet(second).filter(pl.col("chosen_id") == "a3")["triplet_id"]) == {"a1", "a2"}
 
@@ -91,7 +91,7 @@ def test_ilf_dpo_prefers_the_refinement_and_asks_the_refiner_only_for_the_rest(t
         calls.append(items)
         return ["A fruit: apple." for _ in items]
 
-    path = materialize_pairs(t, tok, objective=Objective(name="ilf_dpo", refiner="x:y"), out_dir=tmp_path,
+    path = materialize_pairs(t, tok, objective=ILFDPO(refiner="x:y"), out_dir=tmp_path,
                              refine_fn=refiner, refine_name="test-refiner")
     pairs = {r["triplet_id"]: (r["chosen"], r["rejected"]) for r in pl.read_parquet(path).iter_rows(named=True)}
     assert pairs == {"a2": ("4", "5"), "b2": ("A fruit: apple.", "Rock.")}  # positives give no pair
@@ -99,7 +99,7 @@ def test_ilf_dpo_prefers_the_refinement_and_asks_the_refiner_only_for_the_rest(t
     stats = read_stats(path)
     assert (stats["ilf_refined_from_column"], stats["ilf_refined_generated"]) == (1, 1)
     # the same inputs and refiner name: the file is found, the refiner is not called again
-    assert materialize_pairs(t, tok, objective=Objective(name="ilf_dpo"), out_dir=tmp_path,
+    assert materialize_pairs(t, tok, objective=ILFDPO(), out_dir=tmp_path,
                              refine_fn=refiner, refine_name="test-refiner") == path
     assert len(calls) == 1
 
@@ -107,11 +107,11 @@ def test_ilf_dpo_prefers_the_refinement_and_asks_the_refiner_only_for_the_rest(t
 def test_no_pair_is_a_clear_error(tok, tmp_path):
     single = SCORED.filter(pl.col("id").is_in(["c1", "d1", "d2"]))
     with pytest.raises(ValueError, match="at least two responses with different rewards"):
-        materialize_pairs(single, tok, objective=Objective(name="dpo"), out_dir=tmp_path)
+        materialize_pairs(single, tok, objective=DPO(), out_dir=tmp_path)
     with pytest.raises(ValueError, match="needs a refiner"):
-        materialize_pairs(SCORED, tok, objective=Objective(name="ilf_dpo", refined_column=False), out_dir=tmp_path)
+        materialize_pairs(SCORED, tok, objective=ILFDPO(refined_column=False), out_dir=tmp_path)
     with pytest.raises(ValueError, match="contrast.materialize"):
-        materialize_pairs(SCORED, tok, objective=Objective(name="cut"), out_dir=tmp_path)
+        materialize_pairs(SCORED, tok, objective=CUT(), out_dir=tmp_path)
 
 
 # ---------------------------------------------------------------- the built-in refiner
@@ -173,7 +173,7 @@ def test_dpo_trains_through_trl(tiny, tok, tmp_path, full_finetune):
     rows = []
     for k, (x, good, bad) in enumerate(ADD_PAIRS):
         rows += [(f"g{k}", x, good, None, "positive", None, 1.0), (f"b{k}", x, bad, "Off by one.", "negative", None, 0.0)]
-    pairs = materialize_pairs(frame(rows), tok, objective=Objective(name="dpo"), out_dir=tmp_path / "ex")
+    pairs = materialize_pairs(frame(rows), tok, objective=DPO(), out_dir=tmp_path / "ex")
     config = {"model_path": str(tiny), "examples": str(pairs), "output_dir": str(tmp_path / "out"),
               "objective": {"name": "dpo", "beta": 0.1},
               "adapter": None if full_finetune else {"r": 8, "alpha": 16, "dropout": 0.0},
@@ -205,7 +205,7 @@ def test_dpo_resumes_after_a_crash_to_the_uninterrupted_losses(tiny, tok, tmp_pa
     rows = []
     for k, (x, good, bad) in enumerate(ADD_PAIRS):
         rows += [(f"g{k}", x, good, None, "positive", None, 1.0), (f"b{k}", x, bad, "Off by one.", "negative", None, 0.0)]
-    pairs = materialize_pairs(frame(rows), tok, objective=Objective(name="dpo"), out_dir=tmp_path / "ex")
+    pairs = materialize_pairs(frame(rows), tok, objective=DPO(), out_dir=tmp_path / "ex")
 
     def config(out: Path) -> dict:
         return {"model_path": str(tiny), "examples": str(pairs), "output_dir": str(out),
@@ -256,12 +256,12 @@ def test_task_builds_pairs_from_warehouse_scores(tiny, tmp_path):
                     [r["id"], r["instruction"], r["response"], r["judgment"], r["polarity"], r["score"], i])
     con.close()
     res = materialize_examples.fn(warehouse=str(db), batch=None, model_path=str(tiny),
-                                  objective_json=Objective(name="dpo").model_dump_json(), max_length=64,
+                                  objective_json=DPO().model_dump_json(), max_length=64,
                                   workdir=str(tmp_path / "work"))
     assert res["stats"]["rows_by_kind"] == {"dpo": 3}
     # the refiner a declaration names: the model itself, a function, or none (and none for CUT)
-    fn, name = refiner_for(Objective(name="ilf_dpo"), str(tiny), "alpaca")
+    fn, name = refiner_for(ILFDPO(), str(tiny), "alpaca")
     assert isinstance(fn, ModelRefiner) and name.startswith("model:")
-    fn, name = refiner_for(Objective(name="ilf_mle", refiner="cut_core.demo_task:judge"), str(tiny), "alpaca")
+    fn, name = refiner_for(ILFMLE(refiner="cut_core.demo_task:judge"), str(tiny), "alpaca")
     assert name == "cut_core.demo_task:judge" and callable(fn)
-    assert refiner_for(Objective(name="cut"), str(tiny), "alpaca") == (None, None)
+    assert refiner_for(CUT(), str(tiny), "alpaca") == (None, None)

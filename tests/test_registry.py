@@ -201,12 +201,12 @@ def flow_log():
 
 
 def recurring_pipeline(workdir: Path, model: Path):
-    from cut_core.dsl import FunctionJudge, Model, Objective, Online, Pipeline, Training
+    from cut_core.dsl import CUT, FunctionJudge, Model, Online, Pipeline, Training
     return Pipeline(
         name="recurring-test", workdir=str(workdir),
         model=Model(path=str(model), max_length=64),
         judge=FunctionJudge(callable="cut_core.demo_task:judge"),
-        objective=Objective(name="cut", threshold=1.1, alpha=1.0),
+        objective=CUT(threshold=1.1, alpha=1.0),
         adapter=None,
         training=Training(full_finetune=True, learning_rate=1e-3, micro_batch_size=8, gradient_accumulation=1,
                           scheduler="constant", warmup_steps=0, save_steps=1000, logging_steps=1),

@@ -143,7 +143,7 @@ def test_dsl_cli_and_contrast_route_self_distill_to_cut_pairs(tmp_path):
     from transformers import AutoTokenizer
 
     from cut_core.contrast import materialize
-    from cut_core.dsl import Objective
+    from cut_core.dsl import CUT, SelfDistill
     from cut_core.tiny import make_tiny_model
     from flows.cli import objective_summary
 
@@ -152,12 +152,12 @@ def test_dsl_cli_and_contrast_route_self_distill_to_cut_pairs(tmp_path):
                              ("n1", "What is 3 * 3?", "6.", "Wrong: 3 * 3 is 9.", "negative"),
                              ("n2", "Say hello.", "Go away.", "The response is rude.", "negative")],
                             schema=["id", "instruction", "response", "judgment", "polarity"], orient="row")
-    built = {name: pl.read_parquet(materialize(triplets, tok, objective=Objective(name=name, align_p_ratio=None),
-                                               max_length=128, out_dir=tmp_path / name)).sort("triplet_id", "kind")
-             for name in ("cut", "self_distill")}
-    assert built["self_distill"].to_dicts() == built["cut"].to_dicts()
-    assert sorted(built["self_distill"]["kind"]) == ["align_n", "align_n", "align_p", "misalign", "misalign"]
+    built = {section: pl.read_parquet(materialize(triplets, tok, objective=section(align_p_ratio=None),
+                                               max_length=128, out_dir=tmp_path / section.__name__))
+             .sort("triplet_id", "kind") for section in (CUT, SelfDistill)}
+    assert built[SelfDistill].to_dicts() == built[CUT].to_dicts()
+    assert sorted(built[SelfDistill]["kind"]) == ["align_n", "align_n", "align_p", "misalign", "misalign"]
 
-    assert "distillation_alpha 1.0" in objective_summary(Objective(name="self_distill", distillation_alpha=1.0))
+    assert "SelfDistill(distillation_alpha=1.0, align_p_ratio=0.25)" in objective_summary(SelfDistill(distillation_alpha=1.0))
     with pytest.raises(Exception, match="distillation_alpha"):
-        Objective(name="self_distill", distillation_alpha=1.5)
+        SelfDistill(distillation_alpha=1.5)

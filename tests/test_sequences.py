@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cut_core import contrast, evaluate, generate, sequences, templates
-from cut_core.dsl import Objective
+from cut_core.dsl import CUT
 
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -39,7 +39,7 @@ def _examples(tok, template, max_length, tmp_path) -> pl.DataFrame:
     triplets = pl.DataFrame({"id": ["a", "b"], "instruction": [INSTRUCTION, INSTRUCTION + " Be brief."],
                              "response": [RESPONSE, RESPONSE], "judgment": [JUDGMENT, None],
                              "polarity": ["negative", "positive"]})
-    path = contrast.materialize(triplets, tok, objective=Objective(name="cut", align_p_ratio=1.0),
+    path = contrast.materialize(triplets, tok, objective=CUT(align_p_ratio=1.0),
                                 template=template, max_length=max_length, out_dir=tmp_path)
     return pl.read_parquet(path)
 

@@ -287,7 +287,7 @@ def test_an_echoed_key_leaves_no_trace_and_a_poorly_judged_model_is_not_promoted
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import get_current_settings
 
-    from cut_core.dsl import Evaluation, LoRA, Model, Objective, Pipeline, Source, Training
+    from cut_core.dsl import CUT, Evaluation, LoRA, Model, Pipeline, Source, Training
     from cut_core.evaluate import EvaluationRefused
     from cut_core.tiny import make_tiny_model
     from flows.align import offline_align
@@ -322,7 +322,7 @@ def test_an_echoed_key_leaves_no_trace_and_a_poorly_judged_model_is_not_promoted
             model=Model(path=str(tiny), max_length=128),
             judge=dsl.OpenAIJudge(base_url=server.base_url, model="judge", api_key_env="TRUST_E2E_KEY",
                                   max_retries=0, concurrency=4),
-            objective=Objective(name="cut", threshold=1.1, alpha=1.0), adapter=LoRA(r=4, alpha=8),
+            objective=CUT(threshold=1.1, alpha=1.0), adapter=LoRA(r=4, alpha=8),
             training=Training(learning_rate=1e-3, micro_batch_size=4, gradient_accumulation=1, warmup_steps=0,
                               save_steps=1000, logging_steps=1),
             evaluation=Evaluation(heldout=str(tmp_path / "heldout.jsonl"), max_prompts=12, max_new_tokens=4,
