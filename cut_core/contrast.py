@@ -283,7 +283,7 @@ def refined_negatives(neg: pl.DataFrame, objective: ILFMLE | ILFDPO, refine_fn: 
     need = neg.filter(pl.col("y_hat").is_null())
     if need.height and refine_fn is None and not objective.refined_column:
         raise ValueError(f"{objective.name} with refined_column=False needs a refiner to write refinements "
-                         "(objective.refiner = 'model' or 'module:function')")
+                         f"({type(objective).__name__}(refiner='model') or refiner='module:function')")
     generated = 0
     if need.height and refine_fn is not None:
         items = [(i, r, j or "") for i, r, j in need.select("instruction", "response", "judgment").iter_rows()]
