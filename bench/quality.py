@@ -45,7 +45,10 @@ between problems, terse ("The answer is wrong."), digit-naming only ("The tens d
 
 Runs in-process with cut_core (no Prefect, no MLflow): the same materialization (contrast.py,
 preference.py), trainers (CUTTrainer, TRL's DPOTrainer via dpo.py) and model saving as the
-pipeline, on the demo's settings. Last line: JSON
+pipeline, on the demo's settings. What is task-specific (the verifier and its judgments, the prompt
+template, generation lengths, the CUT section, LoRA or full fine-tuning, the device) is a `Task`;
+`demo_task()` is this bench's, and bench/real_model.py runs the same loop (`run_one`) on a real
+chat model and the constraints task. Last line: JSON
 {"methods": {name: {"lr", "accuracy": [per seed], "mean", "std", "validation": {lr: mean}, "vs_cut": {...}}},
  "controls": {...}, "base": ..., "n_heldout": n, "n_validation": v, "size": {...}, "seconds": ...}
 """
@@ -59,7 +62,9 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,20 +77,91 @@ MAX_LENGTH = 128
 ANSWER_TOKENS = 6
 
 
+# ---------------------------------------------------------------- the task: what the loop does not fix
+
+@dataclass(frozen=True)
+class Task:
+    """What the online loop needs from a task and its model; the loop itself is task-blind.
+
+    judge       the verifier's judgment writer: (instruction, response) -> None when right, else
+                the judgment text (what trains CUT; its verdict labels samples for rs_sft and dpo)
+    correct     the verifier's verdict, as scored on the validation and held-out splits
+    template    the prompt template every prompt is rendered in ('alpaca' or 'chat')
+    max_length  the token cap of a training sequence (CUT/SFT examples, TRL's DPO max_length)
+    max_new_tokens, generation_batch_size   answers: greedy, sampled and refinements
+    cut         the CUT section the cut (and unlikelihood) runs train with: threshold, alpha,
+                gamma, weighting, align_p_ratio
+    adapter     a dsl.LoRA, or None for full fine-tuning (then training.full_finetune must hold)
+    device      where answers are generated ("cpu", or None: CUDA when there is one)
+    greedy_fn   optional fast greedy decoder (model, tokenizer, instructions) -> answers; None:
+                cut_core.generate.generate with the settings above
+    controls    optional (control, instructions, responses, seed) -> judgments (swapped, terse,
+                ...); None: the task has no controls and only the verifier's judgments exist
+    """
+    name: str
+    judge: Callable[[str, str], str | None]
+    correct: Callable[[str, str], bool]
+    cut: Any
+    template: str = "alpaca"
+    max_length: int = MAX_LENGTH
+    max_new_tokens: int = ANSWER_TOKENS
+    generation_batch_size: int = 100
+    adapter: Any = None
+    device: str | None = "cpu"
+    greedy_fn: Callable[[Any, Any, list[str]], list[str]] | None = None
+    controls: Callable[[str | None, list[str], list[str], int], list[str | None]] | None = None
+
+    def greedy(self, model, tokenizer, instructions: list[str]) -> list[str]:
+        if self.greedy_fn is not None:
+            return self.greedy_fn(model, tokenizer, instructions)
+        from cut_core.generate import generate
+
+        return generate(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
+                        batch_size=self.generation_batch_size, greedy=True, template=self.template)
+
+    def sample(self, model, tokenizer, instructions: list[str]) -> list[str]:
+        """One sampled answer per instruction (temperature 1 unless the model's generation config says otherwise)."""
+        from cut_core.generate import generate
+
+        return generate(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
+                        batch_size=self.generation_batch_size, greedy=False, template=self.template)
+
+    def judgments(self, control: str | None, instructions: list[str], responses: list[str],
+                  seed: int) -> list[str | None]:
+        if self.controls is not None:
+            return self.controls(control, instructions, responses, seed)
+        if control not in (None, "none"):
+            raise ValueError(f"the {self.name} task has no control judgments (asked for {control!r})")
+        return [self.judge(x, y) for x, y in zip(instructions, responses)]
+
+
+def demo_task() -> Task:
+    """The demo's 2-digit additions: its verifier and controls, alpaca prompts, 6 answer tokens,
+    full fine-tuning, CUT at lambda 1.1 / alpha 1 with a quarter of the positives as Align-P, on CPU."""
+    from cut_core import demo_task as dt
+    from cut_core.dsl import CUT
+
+    return Task(name="demo", judge=dt.judge, correct=dt.is_correct,
+                cut=CUT(threshold=1.1, alpha=1.0, align_p_ratio=0.25),
+                greedy_fn=lambda model, tokenizer, xs: dt.greedy_answers(model, tokenizer, xs,
+                                                                         max_new_tokens=ANSWER_TOKENS),
+                controls=dt.control_judgments)
+
+
 # ---------------------------------------------------------------- data: answers, judgments, examples
 
 def read_instructions(path: Path) -> list[str]:
     return [json.loads(line)["instruction"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def correctness(model_path: str, instructions: list[str]) -> list[bool]:
+def correctness(model_path: str, instructions: list[str], task: Task | None = None) -> list[bool]:
     """Greedy answers of the model, verifier-checked, one bool per problem."""
-    from cut_core.demo_task import greedy_answers, is_correct
     from cut_core.generate import load_model
 
-    model, tokenizer = load_model(model_path, device="cpu")
-    answers = greedy_answers(model, tokenizer, instructions, max_new_tokens=ANSWER_TOKENS)
-    return [is_correct(x, y) for x, y in zip(instructions, answers)]
+    task = task or demo_task()
+    model, tokenizer = load_model(model_path, device=task.device)
+    answers = task.greedy(model, tokenizer, instructions)
+    return [task.correct(x, y) for x, y in zip(instructions, answers)]
 
 
 def triplets(instructions: list[str], responses: list[str], judgments: list[str | None], tag: str):
@@ -98,17 +174,19 @@ def triplets(instructions: list[str], responses: list[str], judgments: list[str 
         "score": [1.0 if j is None else 0.0 for j in judgments]})
 
 
-def sampled(model_path: str, instructions: list[str], k: int, seed: int) -> tuple[list[str], list[str]]:
+def sampled(model_path: str, instructions: list[str], k: int, seed: int,
+            task: Task | None = None) -> tuple[list[str], list[str]]:
     """k sampled answers per problem (temperature 1), distinct per problem."""
     import torch
 
-    from cut_core.generate import generate, load_model
+    from cut_core.generate import load_model
 
-    model, tokenizer = load_model(model_path, device="cpu")
+    task = task or demo_task()
+    model, tokenizer = load_model(model_path, device=task.device)
     torch.manual_seed(seed)
     seen, xs, ys = set(), [], []
     for _ in range(k):
-        answers = generate(model, tokenizer, instructions, max_new_tokens=ANSWER_TOKENS, batch_size=100, greedy=False)
+        answers = task.sample(model, tokenizer, instructions)
         for x, y in zip(instructions, answers):
             if (x, y) not in seen:
                 seen.add((x, y))
@@ -118,43 +196,45 @@ def sampled(model_path: str, instructions: list[str], k: int, seed: int) -> tupl
 
 
 def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, *, seed: int, k: int,
-                   control: str | None) -> tuple[str, Path | None, dict]:
+                   control: str | None, task: Task | None = None) -> tuple[str, Path | None, dict]:
     """What `method` trains on this iteration: ("examples" | "pairs", file or None, stats)."""
     from cut_core.contrast import materialize, read_stats
-    from cut_core.demo_task import control_judgments, greedy_answers, judge
-    from cut_core.dsl import CUT, ILFDPO, ILFMLE, SelfDistill, parse_objective
+    from cut_core.dsl import ILFDPO, ILFMLE, SelfDistill, parse_objective
     from cut_core.generate import load_model
     from cut_core.preference import materialize_pairs
     from cut_core.refine import ModelRefiner
     from transformers import AutoTokenizer
 
+    task = task or demo_task()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if method in ("rs_sft", "dpo"):
-        xs, ys = sampled(model_path, prompts, k, seed)
-        frame = triplets(xs, ys, [judge(x, y) for x, y in zip(xs, ys)], "s")
+        xs, ys = sampled(model_path, prompts, k, seed, task)
+        frame = triplets(xs, ys, [task.judge(x, y) for x, y in zip(xs, ys)], "s")
     else:
-        model, _ = load_model(model_path, device="cpu")
-        ys = greedy_answers(model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
+        model, _ = load_model(model_path, device=task.device)
+        ys = task.greedy(model, tokenizer, prompts)
         del model
-        frame = triplets(prompts, ys, control_judgments(control, prompts, ys, seed), "g")
+        frame = triplets(prompts, ys, task.judgments(control, prompts, ys, seed), "g")
     stats = {"triplets": frame.height, "right": int((frame["polarity"] == "positive").sum())}
 
     name = {"rs_sft": "sft", "unlikelihood": "cut"}.get(method, method)
-    refiner = ModelRefiner(model_path, max_new_tokens=ANSWER_TOKENS, batch_size=100) if method.startswith("ilf") else None
+    refiner = ModelRefiner(model_path, template=task.template, max_new_tokens=task.max_new_tokens,
+                           batch_size=task.generation_batch_size) if method.startswith("ilf") else None
     # Each method's own section: the data settings it reads (the loss settings are train_iteration's).
-    sections = {"cut": CUT(threshold=1.1, alpha=1.0, align_p_ratio=0.25),
-                "self_distill": SelfDistill(align_p_ratio=0.25),
-                "ilf_mle": ILFMLE(refiner="model", refine_max_new_tokens=ANSWER_TOKENS),
-                "ilf_dpo": ILFDPO(refiner="model", refine_max_new_tokens=ANSWER_TOKENS)}
+    sections = {"cut": task.cut,
+                "self_distill": SelfDistill(align_p_ratio=task.cut.align_p_ratio),
+                "ilf_mle": ILFMLE(refiner="model", refine_max_new_tokens=task.max_new_tokens),
+                "ilf_dpo": ILFDPO(refiner="model", refine_max_new_tokens=task.max_new_tokens)}
     objective = sections[name] if name in sections else parse_objective({"name": name})  # sft, hindsight, ...
     if name in ("dpo", "ilf_dpo"):
         try:
-            path = materialize_pairs(frame, tokenizer, objective=objective, out_dir=out, refine_fn=refiner)
+            path = materialize_pairs(frame, tokenizer, objective=objective, template=task.template, out_dir=out,
+                                     refine_fn=refiner)
         except ValueError:  # no pair this iteration (e.g. no refinement, or every sample right)
             return "pairs", None, {**stats, "records": 0}
         return "pairs", path, {**stats, "records": read_stats(path)["rows"]}
-    path = materialize(frame, tokenizer, objective=objective, max_length=MAX_LENGTH, out_dir=out, seed=seed,
-                       refine_fn=refiner)
+    path = materialize(frame, tokenizer, objective=objective, template=task.template, max_length=task.max_length,
+                       out_dir=out, seed=seed, refine_fn=refiner)
     rows = read_stats(path).get("rows_by_kind", {})
     records = sum(v for kind, v in rows.items() if kind != "align_n")
     return "examples", (path if records else None), {**stats, "records": records}
@@ -187,14 +267,18 @@ def _unlikelihood_trainer():
 
 
 def train_iteration(method: str, kind: str, data: Path, model_path: str, out: Path, *, lr: float, seed: int,
-                    steps: int, training) -> str:
-    """S optimizer steps of `method` on `data` from `model_path`; returns the trained model folder."""
+                    steps: int, training, task: Task | None = None) -> str:
+    """S optimizer steps of `method` on `data` from `model_path`; returns the trained model folder
+    (merged: with a LoRA adapter, the adapter is merged into the weights)."""
     from transformers import AutoTokenizer
 
     from cut_core.dsl import DPO
     from cut_core.trainer import (CUTConfig, CUTTrainer, RecordDataset, load_model, load_records, save_final,
                                   training_arguments)
 
+    task = task or demo_task()
+    if task.adapter is None and not training.full_finetune:
+        raise ValueError(f"the {task.name} task has no LoRA adapter: its training must set full_finetune=True")
     training = training.model_copy(update={"learning_rate": lr, "seed": seed, "save_steps": 10 ** 6,
                                            "logging_steps": max(1, steps)})
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -206,14 +290,15 @@ def train_iteration(method: str, kind: str, data: Path, model_path: str, out: Pa
         from cut_core.dpo import build_trainer
 
         trainer = build_trainer(model_path=model_path, pairs_path=str(data), checkpoints=out / "checkpoints",
-                                objective=DPO(), adapter=None, training=training,
-                                tokenizer=tokenizer, max_steps=steps, max_length=MAX_LENGTH, report_to="none",
+                                objective=DPO(), adapter=task.adapter, training=training,
+                                tokenizer=tokenizer, max_steps=steps, max_length=task.max_length, report_to="none",
                                 callbacks=[])
         trainer.args.save_strategy = "no"
     else:
-        model = load_model(model_path, None, full_finetune=True)
-        args = CUTConfig(threshold=1.1, alpha=1.0, objective="self_distill" if method == "self_distill" else "cut",
-                         **targs)
+        model = load_model(model_path, task.adapter, full_finetune=training.full_finetune)
+        args = CUTConfig(threshold=task.cut.threshold, alpha=task.cut.alpha, gamma=task.cut.gamma,
+                         weighting=task.cut.weighting,
+                         objective="self_distill" if method == "self_distill" else "cut", **targs)
         cls = _unlikelihood_trainer() if method == "unlikelihood" else CUTTrainer
         trainer = cls(model=model, args=args, train_dataset=RecordDataset(load_records(data)),
                       processing_class=tokenizer)
@@ -224,8 +309,10 @@ def train_iteration(method: str, kind: str, data: Path, model_path: str, out: Pa
 
 
 def run_one(method: str, lr: float, seed: int, *, base: str, train_prompts: list[list[str]], evals: dict,
-            workdir: Path, steps: int, k: int, training, control: str | None = None) -> dict:
-    """One online run: K iterations of data -> S steps; scored on every split in `evals`."""
+            workdir: Path, steps: int, k: int, training, control: str | None = None,
+            task: Task | None = None) -> dict:
+    """One online run: K iterations of data -> S steps; scored on every split in `evals`.
+    Per iteration it logs triplets, right, records and trained (False: no data, no step)."""
     tag = f"{method}{'-' + control if control else ''}-lr{lr:g}-s{seed}"
     root = workdir / "runs" / tag
     done = root / "RESULT.json"
@@ -235,13 +322,13 @@ def run_one(method: str, lr: float, seed: int, *, base: str, train_prompts: list
     model_path, log = base, []
     for it, prompts in enumerate(train_prompts, 1):
         kind, data, stats = iteration_data(method, model_path, prompts, root / f"data-{it}", seed=seed + 1000 * it,
-                                           k=k, control=control)
+                                           k=k, control=control, task=task)
         if data is not None:
             model_path = train_iteration(method, kind, data, model_path, root / f"iter-{it}", lr=lr, seed=seed,
-                                         steps=steps, training=training)
+                                         steps=steps, training=training, task=task)
         log.append({"iteration": it, **stats, "trained": data is not None})
     result = {"method": method, "control": control, "lr": lr, "seed": seed, "iterations": log,
-              **{f"{split}_correct": correctness(model_path, xs) for split, xs in evals.items()},
+              **{f"{split}_correct": correctness(model_path, xs, task) for split, xs in evals.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     for it in range(1, len(train_prompts)):  # keep the final model only
         shutil.rmtree(root / f"iter-{it}", ignore_errors=True)

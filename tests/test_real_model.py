@@ -185,3 +185,45 @@ def test_real_model_runs_the_online_pipeline_end_to_end(smollm2, tmp_path, prefe
     client = MlflowClient(tracking.tracking_uri())
     versions = client.search_model_versions(f"name='{pipeline.name}'")
     assert [int(v.version) for v in versions] == [1]
+
+
+# ---------------------------------------------------------------- the comparison's bookkeeping (bench/real_model.py)
+
+def _bench(monkeypatch):
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # what the bench sets, undone after
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import real_model
+
+    return real_model
+
+
+def test_compare_runs_the_declarations_settings_for_every_method(monkeypatch):
+    from cut_core.dsl import load_pipeline
+
+    bench = _bench(monkeypatch)
+    declared = load_pipeline(ROOT / "pipelines" / "smollm2_constraints_online.py")
+    task = bench.constraints_task(declared, bench.SETTINGS["cpu"])
+    assert task.adapter == declared.adapter and task.cut == declared.objective and task.template == "chat"
+    assert task.max_new_tokens == 32 and task.max_length == 192
+    instruction = 'Describe a river. Answer in at most 6 words. Include the word "water".'
+    assert task.judgments(None, [instruction], ["Rivers flow downhill."], 0) == [ct.judge(instruction, "Rivers flow downhill.")]
+    with pytest.raises(ValueError, match="no control judgments"):
+        task.judgments("terse", [instruction], ["Rivers flow."], 0)
+
+
+def test_compare_summary_counts_fixed_and_broken_against_the_base_and_cut(monkeypatch):
+    bench = _bench(monkeypatch)
+    base = [True, False, False, True]
+    run = lambda method, correct, records: {  # noqa: E731 — a bench/quality.py run_one result
+        "method": method, "lr": 2e-4, "seed": 42, "heldout_correct": correct, "seconds": 1.0,
+        "iterations": [{"iteration": 1, "records": records, "trained": records > 0}]}
+    out = bench.compare_summary(base, {"cut": run("cut", [True, True, False, True], 8),
+                                       "rs_sft": run("rs_sft", [False, True, True, False], 3),
+                                       "dpo": run("dpo", [True, False, False, True], 0)}, steps_per_iteration=4)
+    assert (out["cut"]["satisfied"], out["cut"]["fixed"], out["cut"]["broken"], out["cut"]["steps"]) == (0.75, 1, 0, 4)
+    assert "vs_cut" not in out["cut"]
+    assert (out["rs_sft"]["fixed"], out["rs_sft"]["broken"]) == (2, 2)
+    assert out["rs_sft"]["vs_cut"]["fixed"] == 1 and out["rs_sft"]["vs_cut"]["broken"] == 2  # prompt 3; prompts 1, 4
+    assert out["rs_sft"]["vs_cut"]["mean_difference"] == pytest.approx(-0.25)
+    assert out["dpo"]["steps"] == 0 and out["dpo"]["records"] == 0  # no pair, no step
+    assert out["dpo"]["se"] == pytest.approx(0.25)  # sqrt(0.5 * 0.5 / 4)
