@@ -404,9 +404,13 @@ def check_template(tokenizer: Any, template: str) -> None:
 
 
 def refiner_name(refine_fn: RefineFn | None, refine_name: str | None) -> str | None:
-    """The name a refine_fn enters the digest by: the given one, else its module and qualified name."""
+    """The name a refine_fn enters the digest by: the given one, else its own `name` (a
+    ModelRefiner's names the model's weights), else its module and qualified name. Never a repr:
+    an object's carries its memory address, which would give the same data a new file per process."""
     if refine_fn is None or refine_name is not None:
         return refine_name
+    if isinstance(getattr(refine_fn, "name", None), str):
+        return refine_fn.name
     return f"{getattr(refine_fn, '__module__', '?')}.{getattr(refine_fn, '__qualname__', repr(refine_fn))}"
 
 

@@ -354,3 +354,20 @@ def test_real_cut_online_iter1(tok, tmp_path):
     pairs = twins.group_by("triplet_id").agg(pl.col("resp").n_unique().alias("distinct"), pl.len().alias("n"))
     assert pairs["distinct"].to_list() == [1] * n_neg and pairs["n"].to_list() == [2] * n_neg
     assert out["input_ids"].list.len().max() <= 1024
+
+
+def test_a_refiner_object_enters_the_digest_by_its_name_not_its_address():
+    """A ModelRefiner is an object, not a function: its repr holds a memory address, which gave the
+    same refinements a new examples file in every process. Its `name` (the weights' fingerprint) is used."""
+    from cut_core.contrast import refiner_name
+
+    class Refiner:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, items):
+            return [None for _ in items]
+
+    assert refiner_name(Refiner("model:abc:alpaca:256"), None) == "model:abc:alpaca:256"
+    assert refiner_name(Refiner("model:abc:alpaca:256"), "given") == "given"
+    assert refiner_name(None, None) is None
