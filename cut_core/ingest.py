@@ -93,6 +93,9 @@ RULES_VERSION = "1"
 # JSONL is read in blocks of about this many bytes (cut at a newline): bounded memory for any
 # file size, and blocks big enough that per-statement overhead vanishes.
 CHUNK_BYTES = 64 << 20
+# Rows per Arrow record batch handed to DuckDB (zero-copy slices of a chunk): the unit its
+# threads share a scan by.
+SCAN_BATCH_ROWS = 8192
 # Parquet, CSV and JSON-array records are validated in batches of this many rows.
 CHUNK_ROWS = 131_072
 # DuckDB's memory limit while a file is ingested (restored afterwards): the rows of a large file
@@ -779,7 +782,9 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
             chunk = next(chunks, None)
             if chunk is None:
                 break
-            stream = _Stream(chunk)
+            # many small record batches: DuckDB scans an Arrow stream batch by batch on every core
+            # (one 64 MB batch would hold every statement over the chunk to one thread)
+            stream = _Stream(pa.Table.from_batches(chunk.to_batches(max_chunksize=SCAN_BATCH_ROWS)))
             del chunk
             con.register("_ingest_chunk", stream)
             try:
