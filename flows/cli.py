@@ -178,11 +178,19 @@ def quiet_user_errors(log_file: Path) -> None:
             record.exc_info, record.exc_text = None, None
         return record
 
-    logging.setLogRecordFactory(without_user_error_traceback)
+    # Once per process, once per file: a second run in the same process (a notebook, a test, a
+    # worker) must not stack another factory or write every line to the log twice.
+    if not getattr(logging.getLogRecordFactory(), "strips_user_errors", False):
+        without_user_error_traceback.strips_user_errors = True
+        logging.setLogRecordFactory(without_user_error_traceback)
+    prefect_logger = logging.getLogger("prefect")
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(log_file)
+           for h in prefect_logger.handlers):
+        return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(log_file)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger("prefect").addHandler(to_file)
+    prefect_logger.addHandler(to_file)
 
 
 def cmd_ingest(args) -> int:

@@ -67,3 +67,29 @@ def test_a_deterministic_training_failure_is_one_line_and_not_retried(tmp_path):
     (train_log,) = (tmp_path / "work").glob("runs/*/iter-1/train/out/train.log")
     assert train_log.read_text().count("error: adapter.target_modules") == 1, "the train task retried a user error"
     assert "TrainingConfigError" in (tmp_path / "work/cut-align.log").read_text()  # the log file has the story
+
+
+def test_a_second_run_in_one_process_logs_each_line_once(tmp_path):
+    """`cut-align run` twice in one process (a notebook, a worker): one log handler per file and
+    one record factory, so the run's log holds each line once."""
+    import logging
+
+    from flows.cli import quiet_user_errors
+
+    prefect_logger = logging.getLogger("prefect")
+    before = list(prefect_logger.handlers)
+    try:
+        quiet_user_errors(tmp_path / "cut-align.log")
+        factory = logging.getLogRecordFactory()
+        quiet_user_errors(tmp_path / "cut-align.log")
+        assert logging.getLogRecordFactory() is factory
+        added = [h for h in prefect_logger.handlers if h not in before]
+        assert len(added) == 1
+        prefect_logger.warning("one line")
+        added[0].flush()
+        assert (tmp_path / "cut-align.log").read_text().count("one line") == 1
+    finally:
+        for h in prefect_logger.handlers[:]:
+            if h not in before:
+                prefect_logger.removeHandler(h)
+                h.close()
