@@ -134,8 +134,7 @@ def figures(result: dict, root: Path, started: float) -> dict:
                "satisfied": p, "se": round(standard_error(p, len(after)), 4), "n": len(after),
                "version": it["version"], "champion": it["champion"]}
         if before is not None and len(before) == len(after):
-            row["fixed"] = sum(1 for a, b in zip(before, after) if b and not a)
-            row["broken"] = sum(1 for a, b in zip(before, after) if a and not b)
+            row.update(fixed_broken(before, after))
         judge_result = root / f"iter-{k}" / "judge" / "RESULT.json"
         if judge_result.exists():
             judged = json.loads(judge_result.read_text())
