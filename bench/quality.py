@@ -160,6 +160,11 @@ def correctness(model_path: str, instructions: list[str], task: Task | None = No
 
     task = task or demo_task()
     model, tokenizer = load_model(model_path, device=task.device)
+    return verdicts(model, tokenizer, instructions, task)
+
+
+def verdicts(model, tokenizer, instructions: list[str], task: Task) -> list[bool]:
+    """The verifier's verdict on the loaded model's greedy answer to each instruction."""
     answers = task.greedy(model, tokenizer, instructions)
     return [task.correct(x, y) for x, y in zip(instructions, answers)]
 
@@ -313,6 +318,7 @@ def run_one(method: str, lr: float, seed: int, *, base: str, train_prompts: list
             task: Task | None = None) -> dict:
     """One online run: K iterations of data -> S steps; scored on every split in `evals`.
     Per iteration it logs triplets, right, records and trained (False: no data, no step)."""
+    task = task or demo_task()
     tag = f"{method}{'-' + control if control else ''}-lr{lr:g}-s{seed}"
     root = workdir / "runs" / tag
     done = root / "RESULT.json"
@@ -327,8 +333,11 @@ def run_one(method: str, lr: float, seed: int, *, base: str, train_prompts: list
             model_path = train_iteration(method, kind, data, model_path, root / f"iter-{it}", lr=lr, seed=seed,
                                          steps=steps, training=training, task=task)
         log.append({"iteration": it, **stats, "trained": data is not None})
+    from cut_core.generate import load_model
+
+    model, tokenizer = load_model(model_path, device=task.device)  # once for every split
     result = {"method": method, "control": control, "lr": lr, "seed": seed, "iterations": log,
-              **{f"{split}_correct": correctness(model_path, xs, task) for split, xs in evals.items()},
+              **{f"{split}_correct": verdicts(model, tokenizer, xs, task) for split, xs in evals.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     for it in range(1, len(train_prompts)):  # keep the final model only
         shutil.rmtree(root / f"iter-{it}", ignore_errors=True)
