@@ -1,0 +1,51 @@
+"""What a model folder is made of: the one record of "this folder = base + adapter".
+
+A LoRA iteration's merged folder equals a base model with one PEFT adapter applied. Serving
+engines need that decomposition (vLLM serves the base once and loads each version's adapter),
+and the registry stores a LoRA version as its adapter plus the reference of its base. Whoever
+writes a merged folder of a LoRA run writes `cut_align_lineage.json` into it; whoever needs the
+decomposition reads it here. A folder without the file is a full model of its own (a declared
+base, or full fine-tuning).
+
+Fields (all paths absolute):
+  base_model   the folder the adapter applies to (loadable by AutoModelForCausalLM)
+  base_digest  cut_core.weights.weights_digest(base_model) when the adapter was trained
+  adapter      the PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+  base_ref     optional: the registry reference of the base (e.g. "models:/NAME/3"), else None
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FILE = "cut_align_lineage.json"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    base_model: str
+    base_digest: str
+    adapter: str
+    base_ref: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def read_lineage(model_dir: str | Path) -> Lineage | None:
+    """The lineage recorded in a model folder; None for a full model (no record)."""
+    path = Path(model_dir) / FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return Lineage(base_model=data["base_model"], base_digest=data["base_digest"], adapter=data["adapter"],
+                   base_ref=data.get("base_ref"))
+
+
+def write_lineage(model_dir: str | Path, lineage: Lineage) -> None:
+    """Record `model_dir = lineage.base_model + lineage.adapter` (atomically: whole or absent)."""
+    from cut_core.files import write_text_atomic
+
+    write_text_atomic(Path(model_dir) / FILE, lineage.to_json() + "\n")
