@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -55,6 +53,7 @@ import polars as pl
 
 from cut_core import sequences, templates
 from cut_core.dsl import ILFDPO, ILFMLE, ObjectiveSection
+from cut_core.files import write_atomic
 
 # Bump when the way examples are built changes: old files must not be reused.
 FORMAT_VERSION = 1
@@ -361,24 +360,11 @@ def _stats(examples: pl.DataFrame) -> dict:
     }
 
 
-def _write_atomic(out_dir: Path, name: str, write: Callable[[Path], None]) -> Path:
-    final = out_dir / name
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return final
-
-
 def write_with_stats(path: Path, frame: pl.DataFrame, stats: dict) -> Path:
     """Write the sidecar stats, then the Parquet file, each atomically: the Parquet file's
     presence is the "done" marker, so a reader never finds it without its stats."""
-    _write_atomic(path.parent, stats_path(path).name, lambda p: p.write_text(json.dumps(stats, indent=2)))
-    return _write_atomic(path.parent, path.name, lambda p: frame.write_parquet(p))
+    write_atomic(stats_path(path), lambda p: p.write_text(json.dumps(stats, indent=2)))
+    return write_atomic(path, lambda p: frame.write_parquet(p))
 
 
 def stats_path(parquet: Path) -> Path:

@@ -384,15 +384,14 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
     """
     import json
     import math
-    import os
-    import shutil
     import time
     from pathlib import Path
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cut_core.files import publish_dir
+    from cut_core import sequences
+    from cut_core.files import build_dir
     from cut_core.tiny import make_tiny_model
 
     cfg = dict(WARM_START)
@@ -415,58 +414,56 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
 
     # Built aside and renamed into place at the end: `out` never holds a half-trained model
     # (the flows build a model only when its folder has no config.json).
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_tiny_model(tmp, tokenizer_corpus(seed), seed=seed, **settings["model"])
-    tokenizer = AutoTokenizer.from_pretrained(tmp)
-    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
-    model.train()
-    splits = split_problems(split_seed)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.0)
-    total, warm = cfg["steps"], cfg["warmup_steps"]
-    pad = tokenizer.pad_token_id
-    started = last_progress = time.monotonic()
-    for step in range(1, total + 1):
-        scale = min(1.0, step / max(1, warm)) * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
-        for group in opt.param_groups:
-            group["lr"] = cfg["lr"] * scale
-        (plain_p, plain_r), (heads, conts, n_answer) = warm_start_batch(
-            rng, splits["warmstart"], tokenizer, cfg["batch_size"], cfg["p_drop"], cfg["judge_fraction"])
-        per_record = []
-        if plain_p:
-            logp, mask = response_logprobs(model, plain_p, plain_r, pad)
-            per_record.append(-(logp * mask).sum(-1) / mask.sum(-1))
-        if heads:
-            logp, mask = response_logprobs(model, heads, conts, pad)
-            lengths = mask.sum(-1, keepdim=True)
-            pos = torch.arange(mask.shape[1])[None, :]
-            answer = mask & (pos >= lengths - torch.tensor(n_answer)[:, None])
-            text = mask & ~answer
-            nll_answer = -(logp * answer).sum(-1) / answer.sum(-1)
-            nll_text = -(logp * text).sum(-1) / text.sum(-1).clamp(min=1)
-            per_record.append(nll_answer + cfg["judgment_loss_weight"] * nll_text)
-        loss = torch.cat(per_record).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        now = time.monotonic()
-        if now - last_progress >= progress_every_s and step < total:
-            last_progress = now
-            eta = (now - started) / step * (total - step)
-            log(f"warm start step {step}/{total} ({100 * step / total:.0f}%), loss {loss.item():.3f}, "
-                f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
-        if eval_every and (step % eval_every == 0) and step < total:
-            acc = accuracy(model, tokenizer, splits["heldout"])
-            log(f"warm start step {step}/{total} loss {loss.item():.3f} "
-                + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    model.eval()
-    acc = accuracy(model, tokenizer, splits["heldout"])
-    log(f"warm start done: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"settings": settings, "heldout": acc}, indent=1))
-    publish_dir(tmp, out)  # replaces an older build with other settings (checked above) in one rename
+    with build_dir(out) as tmp:  # replaces an older build with other settings (checked above) in one rename
+        make_tiny_model(tmp, tokenizer_corpus(seed), seed=seed, **settings["model"])
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
+        model.train()
+        splits = split_problems(split_seed)
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+        total, warm = cfg["steps"], cfg["warmup_steps"]
+        pad = sequences.pad_id(tokenizer)
+        started = last_progress = time.monotonic()
+        for step in range(1, total + 1):
+            scale = min(1.0, step / max(1, warm)) * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
+            for group in opt.param_groups:
+                group["lr"] = cfg["lr"] * scale
+            (plain_p, plain_r), (heads, conts, n_answer) = warm_start_batch(
+                rng, splits["warmstart"], tokenizer, cfg["batch_size"], cfg["p_drop"], cfg["judge_fraction"])
+            per_record = []
+            if plain_p:
+                logp, mask = response_logprobs(model, plain_p, plain_r, pad)
+                per_record.append(-(logp * mask).sum(-1) / mask.sum(-1))
+            if heads:
+                logp, mask = response_logprobs(model, heads, conts, pad)
+                lengths = mask.sum(-1, keepdim=True)
+                pos = torch.arange(mask.shape[1])[None, :]
+                answer = mask & (pos >= lengths - torch.tensor(n_answer)[:, None])
+                text = mask & ~answer
+                nll_answer = -(logp * answer).sum(-1) / answer.sum(-1)
+                nll_text = -(logp * text).sum(-1) / text.sum(-1).clamp(min=1)
+                per_record.append(nll_answer + cfg["judgment_loss_weight"] * nll_text)
+            loss = torch.cat(per_record).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            now = time.monotonic()
+            if now - last_progress >= progress_every_s and step < total:
+                last_progress = now
+                eta = (now - started) / step * (total - step)
+                log(f"warm start step {step}/{total} ({100 * step / total:.0f}%), loss {loss.item():.3f}, "
+                    f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+            if eval_every and (step % eval_every == 0) and step < total:
+                acc = accuracy(model, tokenizer, splits["heldout"])
+                log(f"warm start step {step}/{total} loss {loss.item():.3f} "
+                    + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        model.eval()
+        acc = accuracy(model, tokenizer, splits["heldout"])
+        log(f"warm start done: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"settings": settings, "heldout": acc}, indent=1))
     return out

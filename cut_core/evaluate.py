@@ -42,10 +42,6 @@ def _response_ids(tokenizer: Any, responses: Sequence[str]) -> list[list[int]]:
     return sequences.response_ids(tokenizer, responses)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.inference_mode()
 def scored_logprobs(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], responses: Sequence[list[int]], *,
                     batch_size: int, max_length: int | None = None,
@@ -63,7 +59,7 @@ def scored_logprobs(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]],
         f = sequences.fit(list(p), list(r), max_length, bos,
                           reserve_prompt_length=reserve_prompt_lengths[k] if reserve_prompt_lengths else None)
         pairs.append((f.prompt, f.response))
-    out = sequences.response_logprobs(model, pairs, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    out = sequences.response_logprobs(model, pairs, pad_id=sequences.pad_id(tokenizer), batch_size=batch_size)
     return [t.float().cpu() for t in out]
 
 

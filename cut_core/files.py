@@ -1,6 +1,7 @@
 """Files that are whole or absent, and one run per run folder.
 
-    write_text_atomic(path, text)     a marker or record: written aside, fsynced, renamed into place
+    write_atomic(path, write)         any file (Parquet, text): written aside, fsynced, renamed into place
+    write_text_atomic / write_json_atomic   the same for a text or a JSON record (markers, results)
     build_dir(out)                    a folder (a model) built aside and renamed into place when whole
     run_lock(folder, what)            the lock a pipeline run holds on its run folder
 
@@ -26,7 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from cut_core.errors import UserError
 
@@ -35,15 +36,16 @@ LOCK = "LOCK"
 
 # ---------------------------------------------------------------- atomic files and folders
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` so that a reader sees the old content or all of the new one."""
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Produce `path` whole or not at all: `write(tmp)` fills a temporary file beside it, which is
+    fsynced and renamed into place. The one atomic-write helper (texts, JSON, Parquet files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -51,6 +53,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` so that a reader sees the old content or all of the new one."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
+    """`data` as JSON (sorted keys; values JSON cannot hold written with str), atomically."""
+    return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=True, default=str))
 
 
 @contextlib.contextmanager
@@ -67,6 +79,9 @@ def build_dir(out: str | Path, *, replace: bool = True) -> Iterator[Path]:
     if not replace and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is an ordinary one
     try:
         yield tmp
         publish_dir(tmp, out)

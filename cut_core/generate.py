@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 # Prompts are encoded by the one owner of token sequences (bos_to_add, encode_prompts re-exported).
+from cut_core import sequences
 from cut_core.sequences import bos_to_add, encode_prompts, plain_prompt_ids  # noqa: F401
 
 
@@ -49,13 +50,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _pad_id(model: Any, tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-
-
 # ---------------------------------------------------------------- generation
 
 @torch.inference_mode()
@@ -74,7 +68,7 @@ def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, m
     """Continue each prompt (token ids, as sequences.py encodes them); returns the new text only."""
     if not ids:
         return []
-    eos_ids, pad_id = _eos_ids(model, tokenizer), _pad_id(model, tokenizer)
+    eos_ids, pad_id = _eos_ids(model, tokenizer), sequences.pad_id(tokenizer, model)
     device = model.device
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory batch
     # shows up at the start instead of after an hour of work.

@@ -191,10 +191,8 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "flo
     """Convert a GGUF causal LM (weights dequantized by transformers, tokenizer with its chat
     template) into a Hugging Face folder at `out_dir`, once: a folder that already holds a
     config.json is returned as is. Written in a temporary sibling folder and renamed into place,
-    so a crash never leaves a half-written model behind."""
-    import os
-    import shutil
-    import tempfile
+    so a crash never leaves a half-written model behind (files.build_dir)."""
+    from cut_core.files import build_dir
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if (out_dir / "config.json").exists():
@@ -225,23 +223,9 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "flo
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder is an ordinary one
-    try:
+    with build_dir(out_dir) as tmp:  # whole or absent: a reader never finds config.json without weights
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if (out_dir / "config.json").exists():  # another process finished first
-            shutil.rmtree(tmp)
-            return out_dir
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above): an OSError if someone filled it meanwhile
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -143,6 +143,20 @@ def fit(prompt: list[int], response: list[int], max_length: int | None, bos: int
 
 # ---------------------------------------------------------------- batches
 
+def pad_id(tokenizer: Any = None, model: Any = None) -> int:
+    """The one pad-id rule: the tokenizer's pad token, else the model's generation-config pad,
+    else the tokenizer's EOS, else 0. Any valid id will do: every padded position is masked
+    (attention mask 0 and never a target), so the choice never changes a result."""
+    generation_config = getattr(model, "generation_config", None)
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(generation_config, "pad_token_id", None),
+                      getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def right_padded(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row. `predict_mask` marks positions whose next token is a
     response token (the logits the loss needs); `response_lengths` counts them per sequence."""

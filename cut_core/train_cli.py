@@ -75,9 +75,7 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _write_history(path: Path, entries: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
 
 
 def _progress_callback_class():
@@ -130,9 +128,7 @@ def _progress_callback_class():
             tokens = self._tokens()
             if tokens is not None:
                 entry["tokens_per_s"] = round((tokens - self._first_tokens) * max(1, args.world_size) / elapsed, 1)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(entry))
-            tmp.replace(self.path)
+            write_text_atomic(self.path, json.dumps(entry))
 
     return ProgressFile
 

@@ -36,7 +36,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .files import write_text_atomic
 from .loss import cut_objective
-from .sequences import gold_response_logprobs, left_aligned, right_padded
+from .sequences import gold_response_logprobs, left_aligned, pad_id, right_padded
 
 KINDS = ("align_p", "align_n", "misalign", "mle")
 COMPLETE = "COMPLETE"
@@ -336,8 +336,7 @@ class CUTTrainer(Trainer):
         if args is None or not isinstance(args, CUTConfig):
             raise TypeError("CUTTrainer needs args=CUTConfig(...)")
         if data_collator is None:
-            pad = getattr(processing_class, "pad_token_id", None)
-            data_collator = CUTCollator(pad_token_id=pad if pad is not None else 0, padding_free=args.padding_free)
+            data_collator = CUTCollator(pad_token_id=pad_id(processing_class, model), padding_free=args.padding_free)
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
                          processing_class=processing_class, **kwargs)
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))

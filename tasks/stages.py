@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
+
+from cut_core.files import write_json_atomic  # noqa: F401 - the flows write their records with it
 
 RESULT = "RESULT.json"
 
@@ -29,16 +29,6 @@ def run_key(pipeline_json: str) -> str:
     """A run is identified by its full resolved declaration."""
     name = json.loads(pipeline_json)["name"]
     return f"{name}-{digest_text(pipeline_json)}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def finished(stage_dir: Path) -> dict | None:

@@ -21,6 +21,7 @@ from typing import Callable
 from prefect import task
 
 from cut_core.errors import UserError
+from cut_core.files import write_text_atomic
 from cut_core.launch import LAUNCHER_ENV, describe, launch_command
 from cut_core.train_cli import USER_ERROR
 from tasks.logs import task_logger
@@ -58,9 +59,7 @@ class HistoryStreamer:
         if rows:
             self.on_rows(rows)
             self.last_step = rows[-1]["step"]
-            tmp = self.cursor_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": self.last_step}))
-            tmp.replace(self.cursor_path)
+            write_text_atomic(self.cursor_path, json.dumps({"step": self.last_step}))
         return len(rows)
 
 
