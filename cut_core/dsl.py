@@ -33,6 +33,8 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdap
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from cut_core import polarity
+
 CANONICAL_COLUMNS = ("instruction", "input", "response", "judgment")
 
 PAPER_JUDGE_SYSTEM_PROMPT = (
@@ -57,7 +59,7 @@ class Section(BaseModel):
 
 class Polarity(Section):
     positive_prefixes: list[str] = Field(
-        default_factory=lambda: ["Perfect"],
+        default_factory=lambda: list(polarity.DEFAULT_POSITIVE_PREFIXES),
         description="a judgment starting with one of these (case-insensitive) is positive; "
         "a null/empty judgment is always positive",
     )
@@ -66,11 +68,11 @@ class Polarity(Section):
     score_threshold: float | None = Field(
         default=None, description="threshold for score_column (required when score_column is set)")
     failed_markers: list[str] = Field(
-        default_factory=lambda: ["$ERROR$"],
+        default_factory=lambda: list(polarity.DEFAULT_FAILED_MARKERS),
         description="judgment texts that mark a failed judge call; such rows are rejected, never trained on",
     )
     contradiction_prefixes: list[str] = Field(
-        default_factory=lambda: ["The response is perfect"],
+        default_factory=lambda: list(polarity.DEFAULT_CONTRADICTION_PREFIXES),
         description="a negative judgment starting with one of these contradicts its polarity; it is reported",
     )
     quarantine_contradictions: bool = Field(

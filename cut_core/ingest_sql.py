@@ -21,11 +21,9 @@ from __future__ import annotations
 import re
 
 from cut_core import dsl
-from cut_core.polarity import positive_sql
+from cut_core.polarity import WS, contradiction_sql, failed_marker_sql, positive_sql
 from cut_core.warehouse import content_key_sql
 
-# Whitespace set used to decide that a field or a judgment marker is blank.
-WS = " \t\n\r\f\v"
 
 
 def lit(s: str) -> str:
@@ -39,13 +37,6 @@ def ident(s: str) -> str:
 def _pointer(key: str) -> str:
     """JSON pointer for a top-level key (handles '/', '~', spaces and dots in column names)."""
     return "/" + key.replace("~", "~0").replace("/", "~1")
-
-
-def _prefix_regex(prefixes: list[str]) -> str | None:
-    """RE2 pattern: optional leading whitespace, then one of the prefixes, case-insensitive."""
-    if not prefixes:
-        return None
-    return r"^\s*(?i:" + "|".join(re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", p) for p in prefixes) + ")"
 
 
 def _json_kind(type_expr: str) -> str:
@@ -106,13 +97,9 @@ def validation_sql(source: dsl.Source) -> str:
     else:
         score, threshold = "NULL::DOUBLE", "NULL"
 
-    contra_re = _prefix_regex(pol.contradiction_prefixes)
     is_positive_text = positive_sql("judgment", pol.positive_prefixes)
-    says_perfect = f"regexp_matches(judgment, {lit(contra_re)})" if contra_re else "false"
-    markers = [m.strip(WS) for m in pol.failed_markers if m.strip(WS)]
-    longest = max((len(m) for m in markers), default=0) + 64
-    is_failed = (f"(length(judgment) <= {longest} AND trim(judgment, {lit(WS)}) IN ({', '.join(map(lit, markers))}))"
-                 if markers else "false")
+    says_perfect = contradiction_sql("judgment", pol.contradiction_prefixes)
+    is_failed = failed_marker_sql("judgment", pol.failed_markers)
     labeled = "true" if source.labeled else "false"
     # blank: no non-whitespace character; the regex runs only when the first byte is not already
     # printable, which is almost never, instead of on every field of every row

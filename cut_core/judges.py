@@ -41,11 +41,10 @@ log = logging.getLogger(__name__)
 
 # The one polarity rule, shared with ingest (cut_core/polarity.py): a quoted '"Perfect."' is
 # positive from a judge and from a file alike.
-from cut_core.polarity import DEFAULT_POSITIVE_PREFIXES, NEGATIVE, POSITIVE, polarity_of  # noqa: E402,F401
-
-# A judge that answers with one of these (whole text, whitespace aside) reports its own failure:
-# the paper's data stored failed GPT-4 calls as `$ERROR$` (dsl.Polarity.failed_markers at ingest).
-DEFAULT_FAILED_MARKERS = ("$ERROR$",)
+# A judge that answers with a failure marker (`$ERROR$`, whole text) reports its own failure: the
+# same rule as ingest's (polarity.is_failed_marker).
+from cut_core.polarity import (DEFAULT_FAILED_MARKERS, DEFAULT_POSITIVE_PREFIXES, NEGATIVE,  # noqa: E402,F401
+                               POSITIVE, is_failed_marker, polarity_of)
 # The one finish_reason of an OpenAI-compatible reply that is a whole judgment. "length" is a
 # judgment cut mid-sentence ("Perfect answer? No: the" reads as positive), "content_filter" a
 # refusal, "tool_calls"/"function_call" no judgment at all; a missing finish_reason cannot rule
@@ -74,7 +73,7 @@ class Judge(Protocol):
 def _ok(judgment: str | None, prefixes: Sequence[str], attempts: int = 1,
         failed_markers: Sequence[str] = DEFAULT_FAILED_MARKERS) -> JudgeResult:
     judgment = judgment.strip() if judgment is not None else None
-    if judgment and judgment in {m.strip() for m in failed_markers}:
+    if is_failed_marker(judgment, failed_markers):
         return _failed(f"judge output is the failure marker {judgment!r}", attempts)
     return JudgeResult(judgment=judgment or None, polarity=polarity_of(judgment, prefixes),
                        status="ok", attempts=attempts)

@@ -17,7 +17,8 @@ import polars as pl
 from prefect import task
 
 from cut_core.dsl import Pipeline
-from cut_core.judges import DEFAULT_FAILED_MARKERS, DEFAULT_POSITIVE_PREFIXES, Judge, build_judge, label_pending
+from cut_core.judges import Judge, build_judge, label_pending
+from cut_core.polarity import judge_rules
 from cut_core import warehouse as wh
 from cut_core.warehouse import connect
 from cut_core.warehouse import triplet_sources as warehouse_sources
@@ -43,12 +44,9 @@ def pipeline_judge(pipeline: Pipeline) -> Judge:
     """
     if pipeline.judge is None:
         raise ValueError(f"pipeline {pipeline.name} declares no judge")
-    prefixes = [p for s in pipeline.sources if not s.labeled for p in s.polarity.positive_prefixes]
-    # Failure markers ($ERROR$) mark a failed call in the judge's output as they do at ingest.
-    markers = [m for s in pipeline.sources if not s.labeled for m in s.polarity.failed_markers]
-    return build_judge(pipeline.judge, secret_resolver=resolve_secret,
-                       positive_prefixes=list(dict.fromkeys(prefixes)) or list(DEFAULT_POSITIVE_PREFIXES),
-                       failed_markers=list(dict.fromkeys(markers)) or list(DEFAULT_FAILED_MARKERS))
+    prefixes, markers = judge_rules(pipeline.sources)
+    return build_judge(pipeline.judge, secret_resolver=resolve_secret, positive_prefixes=prefixes,
+                       failed_markers=markers)
 
 
 def _check(counts: dict, judge: Judge, max_failed_rate: float) -> None:
