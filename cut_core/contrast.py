@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 import polars as pl
 
 from cut_core import sequences, templates
-from cut_core.dsl import ILFDPO, ILFMLE, ObjectiveSection
+from cut_core.dsl import CUT, ILFDPO, ILFMLE, SFT, ForwardPrediction, Hindsight, ObjectiveSection, SelfDistill
 from cut_core.files import write_atomic
 
 # Bump when the way examples are built changes: old files must not be reused.
@@ -150,7 +150,7 @@ def _settings(objective: ObjectiveSection, template: str, max_length: int, seed:
         "format_version": FORMAT_VERSION,
         "objective": objective.name,
         **objective.data_settings(),
-        "refine_fn": refine_name if objective.name == "ilf_mle" else None,
+        "refine_fn": refine_name if isinstance(objective, ILFMLE) else None,
         "template": template,
         "max_length": max_length,
         "seed": seed,
@@ -181,6 +181,76 @@ def _digest(frame: pl.DataFrame, tokenizer: Any, settings: dict) -> str:
 
 # ---------------------------------------------------------------- the plan: (triplet, kind, prompt, target) rows
 
+def _rows(src: pl.DataFrame, kind: str, order: int, prompt_kind: str,
+          judgment: pl.Expr | None = None, target: pl.Expr = pl.col("response")) -> pl.DataFrame:
+    return src.select(
+        pl.col("id").alias("triplet_id"),
+        pl.lit(kind).alias("kind"),
+        pl.lit(order, dtype=pl.Int8).alias("order"),
+        pl.lit(prompt_kind).alias("prompt_kind"),
+        pl.col("instruction"),
+        pl.col("response"),
+        (judgment if judgment is not None else pl.lit(None, dtype=pl.String)).alias("judgment"),
+        target.alias("target"),
+    )
+
+
+def _judgment_or(default: str) -> pl.Expr:
+    return pl.when(pl.col("judgment").is_null() | (pl.col("judgment").str.strip_chars() == "")) \
+        .then(pl.lit(default)).otherwise(pl.col("judgment"))
+
+
+def _with_judgment(neg: pl.DataFrame) -> pl.DataFrame:
+    """A negative needs its text: Align-N, Hindsight and Forward Prediction condition on or predict it."""
+    return neg.filter(pl.col("judgment").is_not_null() & (pl.col("judgment").str.strip_chars() != ""))
+
+
+def _contrastive_plan(pos, neg, objective: CUT | SelfDistill, seed, refine_fn, stats) -> list[pl.DataFrame]:
+    """CUT and self_distill: Align-P (a sample of positives), Align-N and its Misalign twin."""
+    neg_text = _with_judgment(neg)
+    stats["negatives_without_judgment"] = neg.height - neg_text.height
+    keep = pos.height
+    if objective.align_p_ratio is not None:
+        keep = min(pos.height, int(objective.align_p_ratio * neg_text.height))
+    # Sample over the id-sorted rows with a private RNG: same inputs + seed, same sample.
+    kept_ids = sorted(random.Random(seed).sample(pos["id"].to_list(), keep))
+    stats.update(align_p_available=pos.height, align_p_kept=keep)
+    return [_rows(pos.filter(pl.col("id").is_in(kept_ids)), "align_p", 0, "plain"),
+            _rows(neg_text, "align_n", 0, "judge", pl.col("judgment")),
+            _rows(neg_text, "misalign", 1, "plain")]
+
+
+def _sft_plan(pos, neg, objective, seed, refine_fn, stats) -> list[pl.DataFrame]:
+    return [_rows(pos, "mle", 0, "plain")]
+
+
+def _hindsight_plan(pos, neg, objective, seed, refine_fn, stats) -> list[pl.DataFrame]:
+    neg_text = _with_judgment(neg)
+    stats["negatives_without_judgment"] = neg.height - neg_text.height
+    return [_rows(pos, "mle", 0, "judge", _judgment_or(templates.POSITIVE_JUDGMENT_HINDSIGHT)),
+            _rows(neg_text, "mle", 0, "judge", pl.col("judgment"))]
+
+
+def _forward_plan(pos, neg, objective, seed, refine_fn, stats) -> list[pl.DataFrame]:
+    neg_text = _with_judgment(neg)
+    stats["negatives_without_judgment"] = neg.height - neg_text.height
+    return [_rows(pl.concat([pos, neg]).sort("id"), "mle", 0, "plain"),
+            _rows(pos, "mle", 1, "forward", target=_judgment_or(templates.POSITIVE_JUDGMENT_FORWARD)),
+            _rows(neg_text, "mle", 1, "forward", target=pl.col("judgment"))]
+
+
+def _ilf_plan(pos, neg, objective: ILFMLE, seed, refine_fn, stats) -> list[pl.DataFrame]:
+    return [_ilf_rows(pos, neg, objective, refine_fn, stats)]
+
+
+# The one dispatch of the methods that train on examples (CUTTrainer), by section class; the
+# preference-pair methods (DPO, ILFDPO: `ObjectiveSection.preference_pairs`) go to preference.py.
+PLANS: dict[type[ObjectiveSection], Callable[..., list[pl.DataFrame]]] = {
+    CUT: _contrastive_plan, SelfDistill: _contrastive_plan, SFT: _sft_plan, Hindsight: _hindsight_plan,
+    ForwardPrediction: _forward_plan, ILFMLE: _ilf_plan,
+}
+
+
 def _plan(
     frame: pl.DataFrame,
     objective: ObjectiveSection,
@@ -192,74 +262,24 @@ def _plan(
 
     `prompt_kind` is a templates.render kind; `order` keeps Align-N before its Misalign twin.
     """
+    plan = PLANS.get(type(objective))
+    if plan is None:
+        raise ValueError(f"objective {objective.name!r} trains on preference pairs (preference.materialize_pairs), "
+                         "not on examples")
     pos = frame.filter(pl.col("polarity") == "positive")
     neg = frame.filter(pl.col("polarity") == "negative")
-    # A negative needs its text: Align-N, Hindsight and Forward Prediction condition on or predict it.
-    neg_text = neg.filter(pl.col("judgment").is_not_null() & (pl.col("judgment").str.strip_chars() != ""))
     stats.update(positives=pos.height, negatives=neg.height)
-
-    def rows(src: pl.DataFrame, kind: str, order: int, prompt_kind: str,
-             judgment: pl.Expr | None = None, target: pl.Expr = pl.col("response")) -> pl.DataFrame:
-        return src.select(
-            pl.col("id").alias("triplet_id"),
-            pl.lit(kind).alias("kind"),
-            pl.lit(order, dtype=pl.Int8).alias("order"),
-            pl.lit(prompt_kind).alias("prompt_kind"),
-            pl.col("instruction"),
-            pl.col("response"),
-            (judgment if judgment is not None else pl.lit(None, dtype=pl.String)).alias("judgment"),
-            target.alias("target"),
-        )
-
-    def judgment_or(default: str) -> pl.Expr:
-        return pl.when(pl.col("judgment").is_null() | (pl.col("judgment").str.strip_chars() == "")) \
-            .then(pl.lit(default)).otherwise(pl.col("judgment"))
-
-    name = objective.name
-    parts: list[pl.DataFrame] = []
-    if name in ("cut", "self_distill"):
-        stats["negatives_without_judgment"] = neg.height - neg_text.height
-        keep = pos.height
-        if objective.align_p_ratio is not None:
-            keep = min(pos.height, int(objective.align_p_ratio * neg_text.height))
-        # Sample over the id-sorted rows with a private RNG: same inputs + seed, same sample.
-        kept_ids = sorted(random.Random(seed).sample(pos["id"].to_list(), keep))
-        stats.update(align_p_available=pos.height, align_p_kept=keep)
-        parts += [
-            rows(pos.filter(pl.col("id").is_in(kept_ids)), "align_p", 0, "plain"),
-            rows(neg_text, "align_n", 0, "judge", pl.col("judgment")),
-            rows(neg_text, "misalign", 1, "plain"),
-        ]
-    elif name == "sft":
-        parts.append(rows(pos, "mle", 0, "plain"))
-    elif name == "hindsight":
-        stats["negatives_without_judgment"] = neg.height - neg_text.height
-        parts += [
-            rows(pos, "mle", 0, "judge", judgment_or(templates.POSITIVE_JUDGMENT_HINDSIGHT)),
-            rows(neg_text, "mle", 0, "judge", pl.col("judgment")),
-        ]
-    elif name == "forward_prediction":
-        stats["negatives_without_judgment"] = neg.height - neg_text.height
-        parts += [
-            rows(frame, "mle", 0, "plain"),
-            rows(pos, "mle", 1, "forward", target=judgment_or(templates.POSITIVE_JUDGMENT_FORWARD)),
-            rows(neg_text, "mle", 1, "forward", target=pl.col("judgment")),
-        ]
-    elif name == "ilf_mle":
-        parts.append(_ilf_rows(pos, neg, objective, refine_fn, stats, rows))
-    else:  # the DSL's Literal makes this unreachable; kept for a clear message
-        raise ValueError(f"unknown objective {name!r}")
-    return pl.concat(parts).sort("triplet_id", "order")
+    return pl.concat(plan(pos, neg, objective, seed, refine_fn, stats)).sort("triplet_id", "order")
 
 
 def _ilf_rows(pos: pl.DataFrame, neg: pl.DataFrame, objective: ILFMLE, refine_fn: RefineFn | None,
-              stats: dict, rows: Callable[..., pl.DataFrame]) -> pl.DataFrame:
+              stats: dict) -> pl.DataFrame:
     """ILF-MLE: y_hat | x. Positives keep their y (a positive judgment asks for no change)."""
     pos = pos.with_columns(pl.coalesce(_data_refinement(objective), pl.col("response")).alias("y_hat"))
     usable = refined_negatives(neg, objective, refine_fn, stats)
     stats["ilf_positives_as_is"] = pos.height
-    return pl.concat([rows(pos, "mle", 0, "plain", target=pl.col("y_hat")),
-                      rows(usable, "mle", 0, "plain", target=pl.col("y_hat"))])
+    return pl.concat([_rows(pos, "mle", 0, "plain", target=pl.col("y_hat")),
+                      _rows(usable, "mle", 0, "plain", target=pl.col("y_hat"))])
 
 
 def _data_refinement(objective: ILFMLE | ILFDPO) -> pl.Expr:

@@ -244,10 +244,6 @@ Judge = Annotated[Union[FunctionJudge, TransformersJudge, OpenAIJudge], Field(di
 
 # ---------------------------------------------------------------- objectives: one section per method
 
-# The objectives trained by TRL's DPOTrainer on preference pairs (the 'dpo' extra).
-DPO_OBJECTIVES = ("dpo", "ilf_dpo")
-# Objectives that train on CUT's Align-N/Misalign pairs (contrast.py materializes them alike).
-PAIRED_OBJECTIVES = ("cut", "self_distill")
 # lambda of Eq. 5 when a declaration gives none; also the evaluation's flag report for methods
 # that have no threshold of their own (ObjectiveSection.flag_threshold).
 DEFAULT_THRESHOLD = 1.2
@@ -270,6 +266,14 @@ class ObjectiveSection(Section):
     # The fields that decide which examples are built (contrast.py puts them in the file's digest);
     # the others (loss settings) leave the examples as they are, so a sweep reuses one file.
     data_fields: ClassVar[tuple[str, ...]] = ()
+    # How the method trains, read wherever it matters (materialize, the training subprocess, the CLI):
+    # preference_pairs: TRL's DPOTrainer on text pairs (preference.py, the 'dpo' extra), else
+    # CUTTrainer on token examples (contrast.PLANS builds them, one entry per section class);
+    # contrastive: the examples hold CUT's Align-N/Misalign pairs (the trainer's two passes).
+    preference_pairs: ClassVar[bool] = False
+    contrastive: ClassVar[bool] = False
+    # What `cut-align check` says of the method besides its settings.
+    note: ClassVar[str | None] = None
 
     @classmethod
     def reads(cls) -> tuple[str, ...]:
@@ -338,6 +342,7 @@ class CUT(ObjectiveSection):
     """Contrastive unlikelihood training (METHOD.md): MLE on Align-P and Align-N, unlikelihood on
     the Misalign tokens the judgment flags."""
     name: Literal["cut"] = Field(default="cut", description="cut: contrastive unlikelihood training")
+    contrastive: ClassVar[bool] = True
     threshold: float = Field(
         default=DEFAULT_THRESHOLD, ge=1.0,
         description="lambda of Eq. 5: a token is flagged when p(y|x,j-)/p(y|x) > threshold (>= 1; 1.1 online, 1.2 offline; inf disables)")
@@ -358,6 +363,8 @@ class SelfDistill(ObjectiveSection):
     name: Literal["self_distill"] = Field(
         default="self_distill", description="self_distill: the model with the judgment in context (Align-N) "
                                             "is the teacher of the plain context (Misalign)")
+    contrastive: ClassVar[bool] = True
+    note: ClassVar[str | None] = "teacher: Align-N, the judgment in context; student: Misalign"
     distillation_alpha: float = Field(
         default=0.5, ge=0.0, le=1.0,
         description="divergence as TRL's SDFT/SDPO mix it: 0 forward KL(teacher||student), "
@@ -411,6 +418,8 @@ class DPO(ObjectiveSection):
     """Baseline (TRL's DPOTrainer, the 'dpo' extra: pip install 'cut-align[dpo]'): pairs from
     scalar rewards, the best-rewarded response of an instruction against each worse one; offline only."""
     name: Literal["dpo"] = Field(default="dpo", description="dpo: TRL's DPO on pairs from scores, else polarity")
+    preference_pairs: ClassVar[bool] = True
+    note: ClassVar[str | None] = "via TRL; pairs from scores, else polarity"
     beta: float = _beta()
 
 
@@ -418,6 +427,8 @@ class ILFDPO(_Refinement):
     """Baseline (TRL's DPOTrainer, the 'dpo' extra): the refinement y_hat preferred over y for
     every negative that has one."""
     name: Literal["ilf_dpo"] = Field(default="ilf_dpo", description="ilf_dpo: TRL's DPO, y_hat preferred over y")
+    preference_pairs: ClassVar[bool] = True
+    note: ClassVar[str | None] = "via TRL"
     beta: float = _beta()
 
 
@@ -574,7 +585,7 @@ class Pipeline(Section):
             raise ValueError("online.iterations > 0 needs a judge to label the generations")
         if self.adapter is None and not self.training.full_finetune:
             raise ValueError("adapter=None needs training.full_finetune=True (or give a LoRA adapter)")
-        if self.online.iterations > 0 and self.objective.name == "dpo":
+        if self.online.iterations > 0 and isinstance(self.objective, DPO):
             raise ValueError("objective 'dpo' pairs several scored responses of one instruction, and online "
                              "iterations generate one response per instruction: use 'ilf_dpo' or 'cut' online")
         return self

@@ -36,7 +36,7 @@ import polars as pl
 from cut_core import templates
 from cut_core.contrast import (RefineFn, _digest, check_template, labeled_triplets, refined_negatives,
                                refiner_name, write_with_stats)
-from cut_core.dsl import DPO_OBJECTIVES, ILFDPO, ObjectiveSection
+from cut_core.dsl import DPO, ILFDPO, ObjectiveSection
 
 # Bump when the way pairs are built changes: old files must not be reused.
 FORMAT_VERSION = 1
@@ -73,9 +73,9 @@ def _settings(frame: pl.DataFrame, objective: ObjectiveSection, template: str, r
         "objective": objective.name,
         "template": template,
         # dpo reads scores; ilf_dpo reads refinements: each digest covers only what it reads.
-        "scores": _scores_hash(frame) if objective.name == "dpo" else None,
-        "refined_column": objective.refined_column if objective.name == "ilf_dpo" else None,
-        "refine_fn": refine_name if objective.name == "ilf_dpo" else None,
+        "scores": _scores_hash(frame) if isinstance(objective, DPO) else None,
+        "refined_column": objective.refined_column if isinstance(objective, ILFDPO) else None,
+        "refine_fn": refine_name if isinstance(objective, ILFDPO) else None,
     }
 
 
@@ -134,8 +134,9 @@ def materialize_pairs(
         contrast.materialize. Raises ValueError when no pair can be built: DPO on nothing
         would train on nothing.
     """
-    if objective.name not in DPO_OBJECTIVES:
-        raise ValueError(f"materialize_pairs builds {DPO_OBJECTIVES}; {objective.name!r} uses contrast.materialize")
+    if not objective.preference_pairs:
+        raise ValueError(f"materialize_pairs builds preference pairs (DPO, ILFDPO); {objective.name!r} trains on "
+                         "examples: contrast.materialize")
     check_template(tokenizer, template)
     refine_name = refiner_name(refine_fn, refine_name)
 
@@ -151,13 +152,13 @@ def materialize_pairs(
 
     stats: dict[str, Any] = {"triplets_in": triplets.height, "unlabeled_skipped": triplets.height - frame.height,
                              "labeled": frame.height}
-    if objective.name == "dpo":
+    if isinstance(objective, DPO):
         pairs = reward_pairs(frame, stats)
     else:
         pairs = refinement_pairs(frame, objective, refine_fn, stats)
     if pairs.height == 0:
         hint = ("DPO pairs need at least two responses with different rewards for one instruction "
-                "(a score column, or a positive and a negative judgment)" if objective.name == "dpo"
+                "(a score column, or a positive and a negative judgment)" if isinstance(objective, DPO)
                 else "ILF-DPO pairs need negatives with a refinement (a 'refined' column or a refiner)")
         raise ValueError(f"no preference pairs from {frame.height} labeled triplets: {hint}; stats {stats}")
     prompts = {x: templates.render("plain", template, x, tokenizer=tokenizer)

@@ -177,7 +177,6 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     import torch
     from transformers import AutoTokenizer, TrainerCallback, set_seed
 
-    from .dsl import DPO_OBJECTIVES, PAIRED_OBJECTIVES
     from .trainer import (CompleteMarkerCallback, latest_complete_checkpoint, load_records,
                           remove_incomplete_checkpoints, save_final)
 
@@ -191,7 +190,7 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
 
         dist.barrier()  # every rank has seen the checkpoints before rank 0 prunes incomplete ones
 
-    dpo = objective.name in DPO_OBJECTIVES
+    dpo = objective.preference_pairs
     if dpo:
         from .dpo import require_trl
 
@@ -199,7 +198,7 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
         records = None
     else:
         records = load_records(config["examples"])
-        if objective.name not in PAIRED_OBJECTIVES and any(r.kind == "cut" for r in records):
+        if not objective.contrastive and any(r.kind == "cut" for r in records):
             raise ValueError(f"objective {objective.name!r} is a baseline but {config['examples']} holds CUT pairs "
                              "(align_n/misalign rows): materialize the examples for this objective")
 

@@ -20,19 +20,11 @@ import sys
 from pathlib import Path
 
 
-# What `check` says of a method besides its settings.
-OBJECTIVE_NOTES = {
-    "self_distill": "teacher: Align-N, the judgment in context; student: Misalign",
-    "dpo": "via TRL; pairs from scores, else polarity",
-    "ilf_dpo": "via TRL",
-}
-
-
 def objective_summary(o) -> str:
     """The objective's section as it is declared, with every setting it has (all it reads), e.g.
     `CUT(threshold=1.2, alpha=0.5, gamma=0.0, weighting='reference', align_p_ratio=0.25)`."""
     settings = ", ".join(f"{k}={v!r}" for k, v in o.model_dump(exclude={"name"}).items())
-    note = OBJECTIVE_NOTES.get(o.name)
+    note = o.note
     return f"{type(o).__name__}({settings})" + (f": {note}" if note else "")
 
 
@@ -93,9 +85,8 @@ def describe(pipeline) -> str:
 def missing_extra(pipeline) -> str | None:
     """What the declaration needs that this install lacks (the TRL extra for dpo/ilf_dpo)."""
     from cut_core.dpo import INSTALL_HINT, require_trl
-    from cut_core.dsl import DPO_OBJECTIVES
 
-    if pipeline.objective.name in DPO_OBJECTIVES:
+    if pipeline.objective.preference_pairs:
         try:
             require_trl()
         except ImportError:

@@ -18,7 +18,7 @@ from prefect import task
 from cut_core import contrast, preference
 from cut_core import warehouse as wh
 from cut_core.contrast import RefineFn
-from cut_core.dsl import DPO_OBJECTIVES, ILFDPO, ILFMLE, ObjectiveSection, import_callable, parse_objective
+from cut_core.dsl import ILFDPO, ILFMLE, ObjectiveSection, import_callable, parse_objective
 from tasks.logs import task_logger
 
 def refiner_for(objective: ObjectiveSection, model_path: str, template: str) -> tuple[RefineFn | None, str | None]:
@@ -75,7 +75,7 @@ def materialize_examples(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     refine_fn, refine_name = refiner_for(objective, model_path, template)
     out_dir = Path(workdir) / "examples"
-    if objective.name in DPO_OBJECTIVES:
+    if objective.preference_pairs:
         path = preference.materialize_pairs(triplets, tokenizer, objective=objective, template=template,
                                             out_dir=out_dir, refine_fn=refine_fn, refine_name=refine_name)
     else:
