@@ -92,7 +92,7 @@ def rounds_pipeline(tmp_path: Path, model: Path) -> Pipeline:
         sources=[Source(paths=[str(tmp_path / "feedback" / "*.jsonl")], labeled=False)],
         model=Model(path=str(model), max_length=64),
         judge=FunctionJudge(callable="cut_core.demo_task:judge"),
-        objective=CUT(threshold=1.1, alpha=1.0),
+        objective=CUT(threshold=1.1, alpha=1.0, align_p_ratio=1.0),  # every positive kept: ids comparable
         adapter=None,
         training=Training(full_finetune=True, learning_rate=1e-3, micro_batch_size=8, gradient_accumulation=1,
                           scheduler="constant", warmup_steps=0, save_steps=1000, logging_steps=1),
@@ -141,6 +141,8 @@ def test_recurring_offline_rounds_train_only_new_triplets_from_the_champion(
     with pytest.raises(Exception, match="simulated crash"):
         align.offline_align(pipeline.to_json(), pipeline.name, round_name="night2")
     monkeypatch.setattr(align, "round_start", real_start)
+    # the judge was asked about the new file's rows only (day 1's were labeled in round 1)
+    assert "judge cut_core.demo_task:judge: 10 requested, 0 cached" in flow_log.text
     day3 = feedback_file(folder / "day3.jsonl", [(a, a + 3) for a in range(50, 56)])    # 6 rows
 
     # ---- round 2 resumed: from the champion, on day 2's triplets only (day 3 came after it started)
@@ -156,10 +158,10 @@ def test_recurring_offline_rounds_train_only_new_triplets_from_the_champion(
     assert len(day2_ids) == 10 and ids == day2_ids and not ids & day1_ids
     assert second["round"]["triplets"] == 10
     assert [it["version"] for it in second["iterations"]] == [2]
-    # the judge was asked about the new files' rows only (day 1's were labeled in round 1)
+    # resumed, it labeled only day 3's rows (day 2's were labeled before the crash), and kept them for later
     (parent2,) = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
                                     f"tags.cut_align.run_key = '{second['run_key']}'")
-    assert parent2.data.metrics["label.requested"] == 10 + 6
+    assert parent2.data.metrics["label.requested"] == 6
 
     # ---- round 3 (the CLI): only day 3 is new
     declaration = tmp_path / "rounds_pipeline.py"
