@@ -11,7 +11,11 @@ model trained by the real subprocess and a real MLflow store and Prefect run:
   and trains ONLY the triplets of the file that arrived after round 1 (the triplet ids of the
   examples it trained on); the judge was asked about the new rows only;
 - a round with no new triplets (`cut-align run --round`) ends cleanly and says so: a RESULT with
-  the reason, no iteration run, no new version; rerunning a finished round does nothing.
+  the reason, no iteration run, no new version; rerunning a finished round does nothing;
+- in the warehouse (warehouse.select_round): a triplet counts as used only by a finished round of
+  the same pipeline name, matched exactly; an unfinished round's selection is replaced when it is
+  selected again and leaves its triplets to the next round; only labeled triplets of the named
+  files are selected.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from cut_core.dsl import CUT, FunctionJudge, Model, Pipeline, Source, Training
-
-pytestmark = pytest.mark.slow
 
 NAME = "rounds-test"
 
@@ -99,6 +101,7 @@ def rounds_pipeline(tmp_path: Path, model: Path) -> Pipeline:
     )
 
 
+@pytest.mark.slow
 def test_recurring_offline_rounds_train_only_new_triplets_from_the_champion(
         tmp_path, demo_tiny, prefect_harness, monkeypatch, flow_log, capsys):
     import flows.align as align
@@ -201,3 +204,31 @@ def test_a_round_name_must_be_folder_safe():
     for bad in ("../up", "a b", "", "x" * 65):
         with pytest.raises(UserError, match="folder-safe"):
             round_label(True, bad)
+
+
+def test_round_selection_in_the_warehouse(tmp_path):
+    from cut_core import warehouse as wh
+
+    con = wh.connect(tmp_path / "w.duckdb")
+    rows = [("a", "positive", "f1"), ("b", "negative", "f1"), ("c", None, "f1"), ("d", "negative", "f2"),
+            ("e", "positive", "f3")]
+    for n, (tid, polarity, digest) in enumerate(rows):
+        con.execute("INSERT INTO triplets (id, instruction, response, polarity, batch, source, row_number, "
+                    "file_digest) VALUES (?, ?, 'r', ?, 'b', 's', ?, ?)", [tid, f"i{tid}", polarity, n, digest])
+
+    # only labeled triplets of the named files
+    assert wh.select_round(con, pipeline="p", round="p-r1", digests=["f1", "f2"]) == \
+        {"triplets": 3, "positives": 1, "negatives": 2}
+    assert wh.round_triplet_ids(con, "p-r1") == ["a", "b", "d"]
+    # not finished (no version): the next round may take the same triplets
+    assert wh.select_round(con, pipeline="p", round="p-r2", digests=["f1", "f2"])["triplets"] == 3
+    assert wh.round_trained(con, round="p-r1", version=1) == 3
+    # selected again (a crash before the stage was stored): replaced, now without r1's triplets
+    assert wh.select_round(con, pipeline="p", round="p-r2", digests=["f1", "f2", "f3"])["triplets"] == 1
+    assert wh.round_triplet_ids(con, "p-r2") == ["e"]
+    assert wh.labeled_triplets(con, round="p-r2")["id"].to_list() == ["e"]
+    # another pipeline, even one whose name starts with this one's, has its own history
+    assert wh.select_round(con, pipeline="p-2", round="p-2-r1", digests=["f1", "f2", "f3"])["triplets"] == 4
+    wh.round_trained(con, round="p-r2", version=2)
+    assert wh.select_round(con, pipeline="p", round="p-r3", digests=["f1", "f2", "f3"])["triplets"] == 0
+    con.close()
