@@ -301,8 +301,8 @@ def evaluate_base(pipeline_json: str, root: Path, model_path: str, parent: str) 
 def summarize(pipeline: Pipeline, root: Path, base: dict, iterations: list[dict], parent: str,
               start_model: dict, extra: dict | None = None) -> dict:
     metric = pipeline.evaluation.champion_metric
-    summary = {**(extra or {}), "pipeline": pipeline.name, "run_key": root.name, "metric": metric, "start_model": start_model,
-               "base": base, "iterations": [{"iteration": r["iteration"], "model": r["model"],
+    summary = {**(extra or {}), "pipeline": pipeline.name, "run_key": root.name, "metric": metric,
+               "start_model": start_model, "base": base, "iterations": [{"iteration": r["iteration"], "model": r["model"],
                                               "start_model": r.get("start_model"),
                                               "version": r["registered"]["version"],
                                               "champion": r["registered"]["champion"],
