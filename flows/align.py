@@ -302,11 +302,12 @@ def summarize(pipeline: Pipeline, root: Path, base: dict, iterations: list[dict]
               start_model: dict, extra: dict | None = None) -> dict:
     metric = pipeline.evaluation.champion_metric
     summary = {**(extra or {}), "pipeline": pipeline.name, "run_key": root.name, "metric": metric,
-               "start_model": start_model, "base": base, "iterations": [{"iteration": r["iteration"], "model": r["model"],
-                                              "start_model": r.get("start_model"),
-                                              "version": r["registered"]["version"],
-                                              "champion": r["registered"]["champion"],
-                                              "metrics": r["metrics"]} for r in iterations]}
+               "start_model": start_model, "base": base,
+               "iterations": [{"iteration": r["iteration"], "model": r["model"],
+                               "start_model": r.get("start_model"),
+                               "version": r["registered"]["version"],
+                               "champion": r["registered"]["champion"],
+                               "metrics": r["metrics"]} for r in iterations]}
     rows = [{"model": "base", metric: base.get(metric)}] + [
         {"model": f"iteration {r['iteration']} (v{r['registered']['version']})", metric: r["metrics"].get(metric)}
         for r in iterations]
