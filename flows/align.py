@@ -1,6 +1,9 @@
 """The alignment flows: offline_align and online_align.
 
     offline_align:  ingest -> label what is unlabeled -> [materialize -> train -> evaluate -> register]
+                    recurring=True (a served deployment, `cut-align run --round NAME`): each round
+                    ingests the files it has not seen, fixes the triplets no earlier round trained
+                    on (select), and trains them from the champion; none new: the round ends there
     online_align:   evaluate base, then K times:
                     [sample -> generate -> judge -> materialize -> train(+merge) -> evaluate -> register]
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -21,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cut_core import warehouse as wh
 from cut_core.dsl import Pipeline
+from cut_core.errors import UserError
 from cut_core.evaluate import EvaluationRefused
 from cut_core.files import run_lock
 from tasks import tracking
@@ -31,6 +36,7 @@ from tasks.label import judge_pairs, label_unlabeled
 from tasks.materialize import materialize_examples
 from tasks.prepare import build_model
 from tasks.report import loss_curve_png
+from tasks.rounds import mark_round_trained, select_round_triplets
 from tasks.stages import finished, run_key, run_stage, write_json_atomic
 from tasks.train import train
 
@@ -41,6 +47,20 @@ def run_root(pipeline: Pipeline, pipeline_json: str, round_label: str | None = N
     """A run's folder: one per declaration, or per scheduled round of a recurring deployment."""
     key = run_key(pipeline_json) + (f"-{round_label}" if round_label else "")
     return Path(pipeline.workdir) / "runs" / key
+
+
+ROUND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def round_label(recurring: bool, round_name: str | None) -> str | None:
+    """The label of a recurring round: the one given (`cut-align run --round NAME`), else the
+    flow run's scheduled start (scheduled_round); None for a plain run."""
+    if round_name is not None:
+        if not ROUND_NAME.match(round_name):
+            raise UserError(f"round name {round_name!r} is not a folder-safe name; use letters, digits, "
+                            "'.', '_' or '-' (at most 64 characters), e.g. --round 2026-12-05")
+        return round_name
+    return scheduled_round() if recurring else None
 
 
 def one_run_at_a_time(flow_body):
@@ -55,7 +75,8 @@ def one_run_at_a_time(flow_body):
         bound.apply_defaults()
         pipeline_json = bound.arguments["pipeline_json"]
         pipeline = Pipeline.from_json(pipeline_json)
-        root = run_root(pipeline, pipeline_json, scheduled_round() if bound.arguments.get("recurring") else None)
+        root = run_root(pipeline, pipeline_json, round_label(bound.arguments.get("recurring", False),
+                                                             bound.arguments.get("round_name")))
         with run_lock(root, f"pipeline {pipeline.name} (run {root.name})") as held:
             if held["taken_over"]:
                 get_run_logger().warning(f"took over the stale lock of {root}: {held['taken_over']}")
@@ -169,15 +190,18 @@ def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
 
 def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, model_path: str, run_id: str,
                             best_so_far: float | None, *, batch: str | None = None,
-                            sources: list[str] | None = None, digests: list[str] | None = None) -> dict:
-    """materialize -> train -> evaluate -> register, each a stage that stores its result."""
+                            sources: list[str] | None = None, digests: list[str] | None = None,
+                            round_key: str | None = None) -> dict:
+    """materialize -> train -> evaluate -> register, each a stage that stores its result.
+    The training data: one `batch`, the files with these `digests`/`sources`, or the triplets
+    selected for one recurring offline round (`round_key`, tasks/rounds.py)."""
     pipeline = Pipeline.from_json(pipeline_json)
     it = root / f"iter-{iteration}"
 
     examples = run_stage(it / "materialize", lambda d: materialize_examples(
         warehouse_path(pipeline), batch, model_path, pipeline.objective.model_dump_json(),
         template=pipeline.model.template, max_length=pipeline.model.max_length, workdir=pipeline.workdir,
-        seed=pipeline.training.seed, sources=sources, digests=digests))
+        seed=pipeline.training.seed, sources=sources, digests=digests, round_key=round_key))
     tracking.log_metrics(run_id, {f"data.{k}": v for k, v in examples.get("stats", {}).items()
                                   if isinstance(v, (int, float))})
 
@@ -275,14 +299,15 @@ def evaluate_base(pipeline_json: str, root: Path, model_path: str, parent: str) 
 
 
 def summarize(pipeline: Pipeline, root: Path, base: dict, iterations: list[dict], parent: str,
-              start_model: dict) -> dict:
+              start_model: dict, extra: dict | None = None) -> dict:
     metric = pipeline.evaluation.champion_metric
-    summary = {"pipeline": pipeline.name, "run_key": root.name, "metric": metric, "start_model": start_model,
-               "base": base, "iterations": [{"iteration": r["iteration"], "model": r["model"],
-                                              "start_model": r.get("start_model"),
-                                              "version": r["registered"]["version"],
-                                              "champion": r["registered"]["champion"],
-                                              "metrics": r["metrics"]} for r in iterations]}
+    summary = {**(extra or {}), "pipeline": pipeline.name, "run_key": root.name, "metric": metric,
+               "start_model": start_model, "base": base,
+               "iterations": [{"iteration": r["iteration"], "model": r["model"],
+                               "start_model": r.get("start_model"),
+                               "version": r["registered"]["version"],
+                               "champion": r["registered"]["champion"],
+                               "metrics": r["metrics"]} for r in iterations]}
     rows = [{"model": "base", metric: base.get(metric)}] + [
         {"model": f"iteration {r['iteration']} (v{r['registered']['version']})", metric: r["metrics"].get(metric)}
         for r in iterations]
@@ -301,24 +326,25 @@ def best(base: dict, results: list[dict], metric: str) -> float | None:
 
 @flow(name="online-align", flow_run_name="{pipeline_name}")
 @one_run_at_a_time
-def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring: bool = False) -> dict:
+def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring: bool = False,
+                 round_name: str | None = None) -> dict:
     """K online iterations; each iteration's registered version generates and trains the next.
 
     recurring=True (scheduled deployments): every scheduled run is a new round that starts
     from the registered model's current champion and takes instructions no round used before.
+    round_name names the round (`cut-align run --round NAME`); default: the scheduled start.
     Every model started from after the declared base is resolved through the MLflow registry
     (tracking.resolve_model): fetched when this machine lacks it, verified against its digest.
     """
     logger = get_run_logger()
     pipeline = Pipeline.from_json(pipeline_json)
-    round_label = scheduled_round() if recurring else None
-    root = run_root(pipeline, pipeline_json, round_label)
+    root = run_root(pipeline, pipeline_json, round_label(recurring or round_name is not None, round_name))
     done = finished(root / "final")
     if done is not None:
         logger.info(f"{pipeline.name}: run {root.name} already finished; nothing to do")
         return {**done, "skipped": True}
     parent = mlflow_runs(root, pipeline)
-    model_path, start_model = round_start(pipeline, root, recurring, logger)
+    model_path, start_model = round_start(pipeline, root, recurring or round_name is not None, logger)
     base = evaluate_base(pipeline_json, root, model_path, parent)
     results: list[dict] = []
     iteration_start = start_model
@@ -339,11 +365,21 @@ def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring:
 
 @flow(name="offline-align", flow_run_name="{pipeline_name}")
 @one_run_at_a_time
-def offline_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
-    """Ingest the declared sources, label what is unlabeled, then one training iteration."""
+def offline_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring: bool = False,
+                  round_name: str | None = None) -> dict:
+    """Ingest the declared sources, label what is unlabeled, then one training iteration.
+
+    recurring=True (served deployments; `round_name` from `cut-align run --round NAME`, else the
+    scheduled start): the run is one round over sources that grow. It ingests the files not seen
+    before (ingest skips a file whose digest is recorded), fixes the labeled triplets no finished
+    round of this pipeline (its name) trained on as a stage, and trains them from the registered
+    champion (round_start); the champion moves only on improvement (tracking.register_version).
+    A round with no such triplets ends there: a RESULT with the reason, no iteration, no version.
+    """
     logger = get_run_logger()
     pipeline = Pipeline.from_json(pipeline_json)
-    root = run_root(pipeline, pipeline_json)
+    recurring = recurring or round_name is not None
+    root = run_root(pipeline, pipeline_json, round_label(recurring, round_name))
     done = finished(root / "final")
     if done is not None:
         logger.info(f"{pipeline.name}: run {root.name} already finished; nothing to do")
@@ -360,20 +396,51 @@ def offline_align(pipeline_json: str, pipeline_name: str = "pipeline") -> dict:
         tracking.log_metrics(parent, {f"ingest.{i}.{k}": v for k, v in report.items() if isinstance(v, (int, float))})
         digests += [f["digest"] for f in report["files"]]
     if pipeline.judge is not None:
+        # Only rows without a label are sent (and a judgment already stored is reused): in a
+        # recurring round these are the new files' rows, plus any whose judge call failed before.
         labeled = label_unlabeled(pipeline_json, warehouse, digests=digests)
         tracking.log_metrics(parent, {f"label.{k}": v for k, v in labeled.items() if isinstance(v, (int, float))})
 
-    model_path, start_model = round_start(pipeline, root, False, logger)
+    selection = None
+    if recurring:
+        # Fixed once per round: a resumed round trains on the same triplets, whatever arrived since.
+        selection = run_stage(root / "select", lambda d: select_round_triplets(
+            pipeline.name, root.name, warehouse, digests), log=logger.info)
+        tracking.log_metrics(parent, {f"round.{k}": v for k, v in selection.items() if isinstance(v, (int, float))})
+        if selection["triplets"] == 0:
+            reason = (f"no new triplets: every labeled triplet of the {len(digests)} declared file(s) was trained "
+                      f"on by an earlier round of {pipeline.name}")
+            logger.info(f"{pipeline.name}: round {root.name} ends without training: {reason}")
+            tracking.use_store().set_tag(parent, "cut_align.round_result", reason)
+            tracking.end_run(parent)
+            summary = {"pipeline": pipeline.name, "run_key": root.name, "round": selection,
+                       "metric": pipeline.evaluation.champion_metric, "start_model": None, "base": {},
+                       "iterations": [], "trained": False, "reason": reason}
+            write_json_atomic(root / "final" / "RESULT.json", summary)
+            return summary
+
+    model_path, start_model = round_start(pipeline, root, recurring, logger)
     base = evaluate_base(pipeline_json, root, model_path, parent)
     run_id = iteration_run(root, pipeline, parent, 1)
-    result = train_evaluate_register(pipeline_json, root, 1, model_path, run_id,
-                                     best(base, [], pipeline.evaluation.champion_metric), digests=digests)
-    return summarize(pipeline, root, base, [{**result, "start_model": start_model}], parent, start_model)
+    if recurring:
+        result = train_evaluate_register(pipeline_json, root, 1, model_path, run_id,
+                                         best(base, [], pipeline.evaluation.champion_metric), round_key=root.name)
+        # From now on no later round of this pipeline trains on these triplets.
+        mark_round_trained(root.name, warehouse, result["registered"]["version"])
+    else:
+        result = train_evaluate_register(pipeline_json, root, 1, model_path, run_id,
+                                         best(base, [], pipeline.evaluation.champion_metric), digests=digests)
+    summary = summarize(pipeline, root, base, [{**result, "start_model": start_model}], parent, start_model,
+                        extra={"round": selection, "trained": True} if recurring else None)
+    return summary
 
 
-def run_pipeline(pipeline: Pipeline) -> dict:
-    """Run the flow a declaration asks for: online when it has iterations, offline otherwise."""
+def run_pipeline(pipeline: Pipeline, round_name: str | None = None) -> dict:
+    """Run the flow a declaration asks for: online when it has iterations, offline otherwise.
+    With `round_name`, one recurring round of that name (from the champion, new data only)."""
     pipeline_json = pipeline.to_json()
-    if pipeline.online.iterations > 0:
-        return online_align(pipeline_json, pipeline.name)
-    return offline_align(pipeline_json, pipeline.name)
+    flow_fn = online_align if pipeline.online.iterations > 0 else offline_align
+    if round_name is None:
+        return flow_fn(pipeline_json, pipeline.name)
+    round_label(True, round_name)  # a bad name is refused before any flow run starts
+    return flow_fn(pipeline_json, pipeline.name, recurring=True, round_name=round_name)

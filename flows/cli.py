@@ -2,6 +2,7 @@
 
     cut-align check PIPELINE.py            validate a declaration and print the resolved plan
     cut-align run PIPELINE.py              run it (online_align when it has iterations, else offline_align)
+    cut-align run PIPELINE.py --round NAME one recurring round: from the champion, on data no earlier round used
     cut-align ingest PATH... --warehouse FILE [--map NAME=COLUMN ...] [--json]
     cut-align make-tiny-model OUT [--texts FILE]
     cut-align demo [--json]                the offline demo: online CUT on a verifiable task
@@ -140,7 +141,7 @@ def cmd_run(args) -> int:
     quiet_user_errors(Path(pipeline.workdir) / "cut-align.log")
     from flows.align import run_pipeline
     try:
-        result = run_pipeline(pipeline)
+        result = run_pipeline(pipeline, round_name=args.round)
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -260,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="run a pipeline declaration")
     p.add_argument("pipeline")
+    p.add_argument("--round", metavar="NAME", default=None,
+                   help="run one recurring round named NAME (e.g. a date): it starts from the registered "
+                        "champion and trains only on data no earlier round of this pipeline used (offline: "
+                        "new triplets; online: new instructions); rerunning a finished round does nothing")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ingest", help="ingest and validate triplet files into a DuckDB warehouse")

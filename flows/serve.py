@@ -15,7 +15,9 @@ time); each run also holds its run folder's lock (flows/align.py). Scheduling ne
 server (`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`): the
 embedded ephemeral server runs flows but never creates scheduled runs. Each scheduled run of an
 online declaration is a new round (recurring=True): it starts from the registered model's
-champion and takes instructions no earlier round used.
+champion and takes instructions no earlier round used. Each scheduled run of an offline
+declaration is a new round too: it ingests the files that arrived since, trains from the champion
+on the triplets no earlier round trained on, and ends without training when there are none.
 """
 
 # No `from __future__ import annotations` here: the served flow travels to each run's process by
@@ -54,11 +56,12 @@ def apply_overrides(served_json: str, overrides: RunOverrides | dict | None) -> 
 
 
 def run_served(served_json: str, overrides: RunOverrides | dict | None) -> dict:
-    """One run of a served declaration: online rounds start from the champion (recurring)."""
+    """One run of a served declaration: a recurring round that starts from the champion (online:
+    on instructions no round used; offline: on triplets no round trained on)."""
     pipeline = apply_overrides(served_json, overrides)
     if pipeline.online.iterations > 0:
         return online_align(pipeline.to_json(), pipeline.name, recurring=True)
-    return offline_align(pipeline.to_json(), pipeline.name)
+    return offline_align(pipeline.to_json(), pipeline.name, recurring=True)
 
 
 def served_flow(pipeline: Pipeline):

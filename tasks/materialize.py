@@ -45,6 +45,7 @@ def materialize_examples(
     seed: int = 42,
     sources: list[str] | None = None,
     digests: list[str] | None = None,
+    round_key: str | None = None,
 ) -> dict:
     """Materialize the examples of `batch` (None: every batch) for the model at `model_path`.
 
@@ -52,6 +53,8 @@ def materialize_examples(
         (offline pipelines train on the files their ingest step reports, whichever batch or path
         first ingested them).
     sources: optionally keep only triplets ingested from these paths.
+    round_key: optionally keep only the triplets selected for this recurring offline round
+        (warehouse.select_round; the run key of the round).
     objective_json: the DSL objective section as JSON (`pipeline.objective.model_dump_json()`).
     ILF objectives refine the negatives that lack a refined text with objective.refiner: 'model'
     (the model at `model_path`) or a 'module:function'; the refiner's name enters the digest.
@@ -63,13 +66,14 @@ def materialize_examples(
     objective = parse_objective(objective_json)
     con = wh.connect(warehouse, read_only=True)
     try:
-        triplets = wh.labeled_triplets(con, batch=batch, digests=digests, sources=sources)
+        triplets = wh.labeled_triplets(con, batch=batch, digests=digests, sources=sources, round=round_key)
     finally:
         con.close()
     if triplets.height == 0:
         raise ValueError(f"no labeled triplets in {warehouse}" + (f" for batch {batch!r}" if batch else "")
                          + (f" from {sources}" if sources else "")
                          + (f" from the files with digests {digests}" if digests else "")
+                         + (f" selected for round {round_key}" if round_key else "")
                          + "; ingest (and label) data first")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
