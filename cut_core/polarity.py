@@ -48,3 +48,33 @@ def positive_sql(judgment: str, positive_prefixes: Sequence[str]) -> str:
         return "false"
     stripped = f"lower(ltrim({judgment}, {_sql_lit(LEADING_NOISE)}))"
     return "(" + " OR ".join(f"starts_with({stripped}, {_sql_lit(p)})" for p in prefixes) + ")"
+
+
+# ---------------------------------------------------------------- structured verdicts
+
+# A structured judge (OpenAIJudge(response_format="json")) answers {"verdict", "judgment"}: the
+# verdict decides polarity through this table, and the stored row must still read the same way by
+# the text rule above, so that the warehouse's polarity column never disagrees with its judgment:
+#   good -> positive, judgment stored as None (the paper's data stores a positive without text;
+#           the objectives that need a positive's text use their defaults, contrast.py)
+#   bad  -> negative, judgment stored as written; it must be non-blank (a negative without text
+#           trains nothing) and must not read as positive by the prefix rule (a "bad" verdict whose
+#           text says "Perfect..." contradicts itself: the call failed, it is no label).
+VERDICTS = {"good": POSITIVE, "bad": NEGATIVE}
+
+
+def verdict_label(verdict: object, judgment: object,
+                  positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES) -> tuple[str | None, str]:
+    """(stored judgment, polarity) of a structured verdict, or ValueError saying why it is no label."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict {verdict!r} is not one of {sorted(VERDICTS)}")
+    if not isinstance(judgment, str):
+        raise ValueError(f"judgment is {type(judgment).__name__}, expected a string")
+    if VERDICTS[verdict] == POSITIVE:
+        return None, POSITIVE
+    if is_blank(judgment):
+        raise ValueError("verdict 'bad' with a blank judgment (a negative needs its text)")
+    if polarity_of(judgment, positive_prefixes) == POSITIVE:
+        raise ValueError("verdict 'bad' but the judgment reads as positive by the prefix rule "
+                         f"(starts with one of {list(positive_prefixes)}): a self-contradicting reply")
+    return judgment.strip(), NEGATIVE
