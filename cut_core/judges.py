@@ -13,6 +13,11 @@ polarity None, judgment None), never a negative judgment. The paper's released o
 failed GPT-4 calls as the text `$ERROR$` and trained on them as negatives (METHOD.md §6); here a
 failure leaves the row unlabeled, so it is never trained on.
 
+An OpenAIJudge caps replies at max_tokens (DEFAULT_JUDGE_MAX_TOKENS), reads the free-text reply
+by the prefix rule (the paper's protocol, the default) or, with response_format="json", asks for
+JUDGMENT_SCHEMA and labels by its verdict (polarity.verdict_label); every result carries the
+token usage its replies reported (None: unknown).
+
 The bottom of the file is labeling against the warehouse: `label_pending` judges what is not yet
 judged and caches the results in `judgments`; `apply_judgments` copies them onto unlabeled
 `triplets`.
