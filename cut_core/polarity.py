@@ -9,6 +9,9 @@ with this rule, so the same text never gets two answers:
   or '**Perfect**'), lower-case, and a text that starts with one of the positive prefixes
   (lower-cased) is positive; any other text is negative.
 
+A structured judge's verdict ("good" | "bad", `verdict_label` at the bottom) sets polarity
+directly, and what it stores is checked to read the same way by the text rule.
+
 `polarity_of` is the rule in Python, `positive_sql` the same rule as a DuckDB expression;
 tests/test_polarity.py checks that they agree on the same texts through a real connection.
 """
