@@ -43,6 +43,15 @@ PAPER_JUDGE_SYSTEM_PROMPT = (
     "please only reply with 'perfect'. Otherwise, please indicate precisely what mistakes it has."
 )
 PAPER_JUDGE_USER_PROMPT = "### Instruction: {instruction}\n\n### Response: {response}"
+# The paper's judge prompt for a structured judge (OpenAIJudge response_format="json"): the same
+# task, answered as {"verdict": "good"|"bad", "judgment": "..."} (cut_core.judges.JUDGMENT_SCHEMA).
+JSON_JUDGE_SYSTEM_PROMPT = (
+    "Below is an instruction that describes a task and a potential response. Evaluate the "
+    "response and provide valuable judgments to the response. Reply with a JSON object with two "
+    "fields: \"verdict\" is \"good\" if the response is perfect and \"bad\" otherwise; \"judgment\" "
+    "indicates precisely what mistakes the response has (for a good response, write \"perfect\")."
+)
+DEFAULT_JUDGE_MAX_TOKENS = 512
 
 
 class Section(BaseModel):
@@ -197,7 +206,25 @@ class OpenAIJudge(Section):
     max_response_bytes: int = Field(default=262_144, ge=1024,
                                     description="largest reply accepted, in bytes; a longer one is a failed call")
     temperature: float = Field(default=0.0, ge=0, description="sampling temperature of the judge")
+    max_tokens: int = Field(
+        default=DEFAULT_JUDGE_MAX_TOKENS, ge=1,
+        description="longest judge reply in tokens, sent as max_tokens; a reply cut by it is a failed call "
+                    "(without a cap a server writes up to its own limit)")
+    response_format: Literal["text", "json"] = Field(
+        default="text",
+        description="'text': the reply is the judgment, polarity by the positive prefixes (the paper's protocol); "
+                    "'json': the reply is {verdict: good|bad, judgment}, asked for with a json_schema "
+                    "response_format; polarity from verdict, and a reply that does not parse is a failed call")
     name: str | None = Field(default=None, description="judge identity for caching; defaults to base_url + model")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_prompt(cls, data: Any) -> Any:
+        # A structured judge without its own system prompt gets the paper's prompt in JSON form
+        # (the paper's asks for a bare 'perfect', which contradicts the schema).
+        if isinstance(data, dict) and data.get("response_format") == "json" and "system_prompt" not in data:
+            data = {**data, "system_prompt": JSON_JUDGE_SYSTEM_PROMPT}
+        return data
 
     @field_validator("base_url")
     @classmethod

@@ -14,6 +14,10 @@ the pipeline's judge about each, and reports:
   flagged_token_rate  over the responses the judge calls negative: the fraction of their tokens
                       that CUT's detector (Eq. 5) flags, p(y_t|x,j-) / p(y_t|x) > lambda, i.e.
                       how much of a bad answer the model itself "knows" the judgment is about
+  judge_prompt_tokens, judge_completion_tokens
+                      token usage of the judge calls, summed over the replies that reported
+                      `usage`; None when none did (unknown, not zero)
+  judge_usage_unknown replies that reported no usage (their tokens are not in the sums)
   n, positives, negatives
 
 plus `samples` (the first `samples` rows: instruction, response, judgment, polarity) and
@@ -31,7 +35,7 @@ import torch
 from cut_core import sequences, templates
 from cut_core.generate import generate
 from cut_core.errors import UserError
-from cut_core.judges import NEGATIVE, POSITIVE, Judge, score_refusal, scrub_result
+from cut_core.judges import NEGATIVE, POSITIVE, Judge, score_refusal, scrub_result, usage_totals
 from cut_core.loss import cut_token_loss
 
 
@@ -163,6 +167,9 @@ def evaluate(model: Any, tokenizer: Any, heldout_rows: Sequence[Mapping[str, Any
             "negatives": len(ok) - positives,
             "failed_judgments": len(results) - len(ok),
         }
+        # Token usage of the judge calls (None: no reply reported usage; judge_usage_unknown
+        # counts the replies that did not, whose tokens are not in the sums).
+        metrics.update({f"judge_{k}": v for k, v in usage_totals(results).items()})
 
         # Held-out NLL of the references: token-weighted, like the training loss over a corpus.
         refs = [(x, r["reference"]) for x, r in zip(instructions, rows) if r.get("reference")]

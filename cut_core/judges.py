@@ -13,6 +13,11 @@ polarity None, judgment None), never a negative judgment. The paper's released o
 failed GPT-4 calls as the text `$ERROR$` and trained on them as negatives (METHOD.md §6); here a
 failure leaves the row unlabeled, so it is never trained on.
 
+An OpenAIJudge caps replies at max_tokens (DEFAULT_JUDGE_MAX_TOKENS), reads the free-text reply
+by the prefix rule (the paper's protocol, the default) or, with response_format="json", asks for
+JUDGMENT_SCHEMA and labels by its verdict (polarity.verdict_label); every result carries the
+token usage its replies reported (None: unknown).
+
 The bottom of the file is labeling against the warehouse: `label_pending` judges what is not yet
 judged and caches the results in `judgments`; `apply_judgments` copies them onto unlabeled
 `triplets`.
@@ -22,11 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import dataclasses
 import email.utils
+import inspect
 import json
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
@@ -44,13 +53,28 @@ log = logging.getLogger(__name__)
 # A judge that answers with a failure marker (`$ERROR$`, whole text) reports its own failure: the
 # same rule as ingest's (polarity.is_failed_marker).
 from cut_core.polarity import (DEFAULT_FAILED_MARKERS, DEFAULT_POSITIVE_PREFIXES, NEGATIVE,  # noqa: E402,F401
-                               POSITIVE, is_failed_marker, polarity_of)
+                               POSITIVE, is_failed_marker, polarity_of, verdict_label)
 # The one finish_reason of an OpenAI-compatible reply that is a whole judgment. "length" is a
 # judgment cut mid-sentence ("Perfect answer? No: the" reads as positive), "content_filter" a
 # refusal, "tool_calls"/"function_call" no judgment at all; a missing finish_reason cannot rule
 # out truncation. All of them are failed calls.
 NORMAL_FINISH = "stop"
 REDACTED = "[redacted]"
+# The cap on a judge reply's length sent as max_tokens. Without one a reply runs to the server's
+# own cap (`transformers serve` ran for minutes per reply and timed out). A reply cut by the cap
+# finishes with "length": a failed call, never a label.
+DEFAULT_JUDGE_MAX_TOKENS = dsl.DEFAULT_JUDGE_MAX_TOKENS
+# What a structured judge (response_format="json") is asked for, as an OpenAI / vLLM
+# `response_format={"type": "json_schema", "json_schema": {...}}` (strict: every field required,
+# no others). polarity.verdict_label turns a reply into a label.
+JUDGMENT_SCHEMA = {
+    "type": "object",
+    "properties": {"verdict": {"type": "string", "enum": ["good", "bad"]},
+                   "judgment": {"type": "string"}},
+    "required": ["verdict", "judgment"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMATS = ("text", "json")
 
 
 # ---------------------------------------------------------------- the protocol
@@ -62,6 +86,12 @@ class JudgeResult:
     status: str               # "ok" | "failed"
     error: str | None = None
     attempts: int = 1
+    # Tokens the endpoint reported in `usage`, summed over this call's attempts; None when no
+    # reply reported them. usage_unknown counts the replies (2xx bodies) that did not say: their
+    # tokens were spent but are not in the sums (unknown, not zero).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    usage_unknown: int = 0
 
 
 class Judge(Protocol):
@@ -105,8 +135,19 @@ def scrub_result(result: JudgeResult, secrets: Sequence[str]) -> JudgeResult:
     """The result with its judgment and error text scrubbed of `secrets` (stored texts never hold a key)."""
     if not secrets:
         return result
-    return JudgeResult(judgment=scrub(result.judgment, secrets), polarity=result.polarity, status=result.status,
-                       error=scrub(result.error, secrets), attempts=result.attempts)
+    return dataclasses.replace(result, judgment=scrub(result.judgment, secrets), error=scrub(result.error, secrets))
+
+
+def usage_totals(results: Iterable[JudgeResult]) -> dict[str, int | None]:
+    """prompt_tokens / completion_tokens summed over results (None when no reply reported usage,
+    so that an endpoint that never reports it is logged as unknown, not as zero) and
+    usage_unknown, the number of replies that did not report it."""
+    results = list(results)
+    def total(field: str) -> int | None:
+        known = [getattr(r, field) for r in results if getattr(r, field) is not None]
+        return sum(known) if known else None
+    return {"prompt_tokens": total("prompt_tokens"), "completion_tokens": total("completion_tokens"),
+            "usage_unknown": sum(r.usage_unknown for r in results)}
 
 
 def public_url(url: str) -> str:
@@ -249,14 +290,21 @@ class OpenAIJudge:
     """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
-                 system_prompt: str = dsl.PAPER_JUDGE_SYSTEM_PROMPT,
+                 system_prompt: str | None = None,
                  user_prompt: str = dsl.PAPER_JUDGE_USER_PROMPT,
                  concurrency: int = 8, max_retries: int = 5, timeout_s: float = 60.0,
-                 temperature: float = 0.0, max_tokens: int | None = None, name: str | None = None,
+                 temperature: float = 0.0, max_tokens: int | None = DEFAULT_JUDGE_MAX_TOKENS,
+                 response_format: str = "text", name: str | None = None,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
                  retry_after_max_s: float = 300.0, max_response_bytes: int = 262_144,
                  positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES,
                  failed_markers: Sequence[str] = DEFAULT_FAILED_MARKERS):
+        if response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got {response_format!r}")
+        if system_prompt is None:  # the paper's prompt, or its JSON form for a structured judge
+            system_prompt = (dsl.JSON_JUDGE_SYSTEM_PROMPT if response_format == "json"
+                             else dsl.PAPER_JUDGE_SYSTEM_PROMPT)
+        self.response_format = response_format
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key = model, api_key
         self.system_prompt, self.user_prompt = system_prompt, user_prompt
@@ -268,17 +316,28 @@ class OpenAIJudge:
         self.positive_prefixes = tuple(positive_prefixes)
         self.failed_markers = tuple(failed_markers)
         self.secrets: tuple[str, ...] = (api_key,) if api_key else ()  # scrubbed from every text we return
-        # The prompts and temperature are part of the identity: changing them must re-label
-        # rather than reuse judgments written under another prompt. The name is stored in the
-        # warehouse: it holds the URL without any credentials or query.
+        # The prompts, temperature, max_tokens and response format are part of the identity:
+        # changing them must re-label rather than reuse judgments written under other settings.
+        # The default cap (DEFAULT_JUDGE_MAX_TOKENS) keeps the identity of "no cap" (None), which
+        # every judge declared before the cap existed was built with, so their cached judgments
+        # stay in use: a cap changes no judgment that finished within it (greedy or sampled, the
+        # tokens before the cap are the same), it only turns a longer reply into a failed call.
+        # The text format adds nothing to the identity (the names of existing caches); json adds
+        # itself and its schema. The name is stored in the warehouse: it holds the URL without
+        # any credentials or query.
+        cap = None if max_tokens == DEFAULT_JUDGE_MAX_TOKENS else max_tokens
+        structured = ("json", json.dumps(JUDGMENT_SCHEMA, sort_keys=True)) if response_format == "json" else ()
         self.name = name or (f"openai:{public_url(base_url)}|{model}"
-                             f"#{_identity(system_prompt, user_prompt, temperature, max_tokens)}")
+                             f"#{_identity(system_prompt, user_prompt, temperature, cap, *structured)}")
 
     # -- sync entry point (the protocol is synchronous; the fan-out inside is asyncio)
-    def judge_batch(self, items: list[tuple[str, str]]) -> list[JudgeResult]:
+    def judge_batch(self, items: list[tuple[str, str]], *,
+                    on_result: Callable[[JudgeResult], None] | None = None) -> list[JudgeResult]:
+        """One result per item, in order; `on_result(result)` is called as each call finishes
+        (in completion order, from the thread that runs the calls): progress reporting."""
         if not items:
             return []
-        coro_factory = lambda: self._judge_all(items)  # noqa: E731
+        coro_factory = lambda: self._judge_all(items, on_result)  # noqa: E731
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -288,7 +347,8 @@ class OpenAIJudge:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(lambda: asyncio.run(coro_factory())).result()
 
-    async def _judge_all(self, items: list[tuple[str, str]]) -> list[JudgeResult]:
+    async def _judge_all(self, items: list[tuple[str, str]],
+                         on_result: Callable[[JudgeResult], None] | None = None) -> list[JudgeResult]:
         semaphore = asyncio.Semaphore(self.concurrency)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
@@ -296,7 +356,10 @@ class OpenAIJudge:
                                      limits=limits, follow_redirects=False) as client:
             async def one(item: tuple[str, str]) -> JudgeResult:
                 async with semaphore:
-                    return await self._judge_one(client, *item)
+                    result = await self._judge_one(client, *item)
+                if on_result is not None:
+                    on_result(result)
+                return result
 
             return list(await asyncio.gather(*(one(item) for item in items)))
 
@@ -309,16 +372,45 @@ class OpenAIJudge:
         }
         if self.max_tokens is not None:
             payload["max_tokens"] = self.max_tokens
+        if self.response_format == "json":
+            payload["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "judgment", "strict": True, "schema": JUDGMENT_SCHEMA}}
         return payload
+
+    def _result(self, text: str | None, attempts: int) -> JudgeResult:
+        """The label a reply's text gives: by the prefix rule, or (json) by its verdict."""
+        if self.response_format != "json":
+            return _ok_text(text, self.positive_prefixes, attempts, "endpoint", self.failed_markers)
+        if not isinstance(text, str) or not text.strip():
+            return _failed("endpoint returned an empty judgment", attempts)
+        try:
+            reply = json.loads(text)
+        except ValueError as err:
+            return _failed(f"structured reply is not JSON ({err}): {scrub(text, self.secrets)[:200]!r}", attempts)
+        if not isinstance(reply, dict):
+            return _failed(f"structured reply is {type(reply).__name__}, expected an object with verdict and "
+                           "judgment", attempts)
+        missing = [k for k in ("verdict", "judgment") if k not in reply]
+        if missing:
+            return _failed(f"structured reply lacks {', '.join(missing)}: {scrub(text, self.secrets)[:200]!r}",
+                           attempts)
+        try:
+            judgment, polarity = verdict_label(reply["verdict"], reply["judgment"], self.positive_prefixes)
+        except ValueError as err:
+            return _failed(f"structured reply is no label: {err}", attempts)
+        if judgment is not None and judgment in {m.strip() for m in self.failed_markers}:
+            return _failed(f"judge output is the failure marker {judgment!r}", attempts)
+        return JudgeResult(judgment=judgment, polarity=polarity, status="ok", attempts=attempts)
 
     async def _judge_one(self, client: httpx.AsyncClient, instruction: str, response: str) -> JudgeResult:
         payload = self._payload(instruction, response)
+        usage = _Usage()
         attempts = 0
         while True:
             attempts += 1
             try:
-                text = await self._call(client, payload)
-                result = _ok_text(text, self.positive_prefixes, attempts, "endpoint", self.failed_markers)
+                text = await self._call(client, payload, usage)
+                result = self._result(text, attempts)
             except _Fatal as err:
                 result = _failed(str(err), attempts)
             except _Retryable as err:
@@ -326,10 +418,14 @@ class OpenAIJudge:
                     await asyncio.sleep(self._delay(attempts, err.retry_after))
                     continue
                 result = _failed(f"{err} (gave up after {attempts} attempts)", attempts)
+            result = dataclasses.replace(result, prompt_tokens=usage.prompt_tokens,
+                                         completion_tokens=usage.completion_tokens, usage_unknown=usage.unknown)
             return scrub_result(result, self.secrets)
 
-    async def _call(self, client: httpx.AsyncClient, payload: dict) -> str | None:
-        """One HTTP attempt, all of it within `timeout_s`: the judgment text, or _Retryable / _Fatal."""
+    async def _call(self, client: httpx.AsyncClient, payload: dict, usage: "_Usage | None" = None) -> str | None:
+        """One HTTP attempt, all of it within `timeout_s`: the judgment text, or _Retryable / _Fatal.
+        The token usage of a 2xx reply is added to `usage` (whatever the reply is worth as a label:
+        a reply cut by max_tokens still cost its tokens)."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with client.stream("POST", self.url, json=payload) as resp:
@@ -348,8 +444,19 @@ class OpenAIJudge:
                          "set base_url to the final address")
         if not 200 <= status < 300:
             raise _Fatal(f"HTTP {status} (not retried): {self._snippet(body)}")
+        parsed: Any = None
         try:
-            choice = json.loads(body)["choices"][0]
+            parsed = json.loads(body)
+        except ValueError as err:
+            not_json: ValueError | None = err
+        else:
+            not_json = None
+        if usage is not None:
+            usage.add(parsed.get("usage") if isinstance(parsed, dict) else None)
+        try:
+            if not_json is not None:
+                raise not_json
+            choice = parsed["choices"][0]
             message, finish = choice["message"], choice.get("finish_reason")
             text = message["content"]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
@@ -385,6 +492,26 @@ class OpenAIJudge:
         # Exponential backoff with "equal jitter": spreads out clients that failed together.
         ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
+
+
+class _Usage:
+    """The `usage` of one judge call's replies: token sums, and how many replies did not say."""
+
+    def __init__(self):
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.unknown = 0
+
+    def add(self, usage: Any) -> None:
+        def count(key: str) -> int | None:
+            value = usage.get(key) if isinstance(usage, dict) else None
+            return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+        prompt, completion = count("prompt_tokens"), count("completion_tokens")
+        if prompt is None or completion is None:
+            self.unknown += 1
+            return
+        self.prompt_tokens = (self.prompt_tokens or 0) + prompt
+        self.completion_tokens = (self.completion_tokens or 0) + completion
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -439,7 +566,8 @@ def build_judge(spec: dsl.FunctionJudge | dsl.TransformersJudge | dsl.OpenAIJudg
         return OpenAIJudge(spec.base_url, spec.model, api_key=api_key or None, system_prompt=spec.system_prompt,
                            user_prompt=spec.user_prompt, concurrency=spec.concurrency,
                            max_retries=spec.max_retries, timeout_s=spec.timeout_s,
-                           max_response_bytes=spec.max_response_bytes,
+                           max_response_bytes=spec.max_response_bytes, max_tokens=spec.max_tokens,
+                           response_format=spec.response_format,
                            temperature=spec.temperature, name=spec.name, **common, **overrides)
     raise TypeError(f"not a judge section: {type(spec).__name__}")
 
@@ -457,8 +585,73 @@ def _pairs(rows: Iterable[tuple[str, str] | Mapping[str, Any]]) -> list[tuple[st
     return out
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class JudgeProgress:
+    """Counts judge calls as they finish and reports a line every `every_s` seconds while they run:
+    "judge: 120/500 done (3 failed), 4.1 calls/s, ETA 1m32s". Used as a context manager around
+    the calls: a daemon thread writes the periodic lines (so a batch whose calls take minutes
+    still reports), and leaving the block writes the final line. `report` is any
+    callable taking one string (the tasks pass their Prefect logger's info)."""
+
+    def __init__(self, total: int, report: Callable[[str], None], *, every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.report, self.every_s, self.clock = total, report, every_s, clock
+        self.done = self.failed = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start = clock()
+
+    def add(self, result: JudgeResult) -> None:
+        with self._lock:
+            self.done += 1
+            self.failed += result.status != "ok"
+
+    def line(self) -> str:
+        with self._lock:
+            done, failed = self.done, self.failed
+        elapsed = max(self.clock() - self.start, 1e-9)
+        rate = done / elapsed
+        eta = _duration((self.total - done) / rate) if rate > 0 else "unknown"
+        return f"judge: {done}/{self.total} done ({failed} failed), {rate:.1f} calls/s, ETA {eta}"
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.report(self.line())
+            except Exception:  # noqa: BLE001 - a broken log handler must not stop the judging
+                log.exception("judge progress report failed")
+
+    def __enter__(self) -> "JudgeProgress":
+        self.start = self.clock()
+        self._thread = threading.Thread(target=self._run, name="judge-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.report(self.line())
+
+
+def _takes_on_result(judge: Judge) -> bool:
+    try:
+        return "on_result" in inspect.signature(judge.judge_batch).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def label_pending(con, judge: Judge, rows: Iterable[tuple[str, str] | Mapping[str, Any]], *,
-                  chunk_size: int = 256, retry_failed: bool = True) -> dict[str, int]:
+                  chunk_size: int = 256, retry_failed: bool = True,
+                  progress: Callable[[str], None] | None = None,
+                  progress_every_s: float = 10.0) -> dict[str, int | None]:
     """Judge every (instruction, response) not yet judged OK by this judge; cache in `judgments`.
 
     The cache key is (judge.name, content_key(instruction, response)), so a rerun judges nothing
@@ -467,12 +660,20 @@ def label_pending(con, judge: Judge, rows: Iterable[tuple[str, str] | Mapping[st
     written after every chunk, so an interrupted run keeps what it paid for.
 
     Counts (distinct pairs): requested, cached (already OK), retried (previously failed, sent
-    again), judged (sent to the judge now) = ok + failed; positives + negatives = ok.
+    again), judged (sent to the judge now) = ok + failed; positives + negatives = ok. Token usage
+    of the calls made now (cached judgments cost nothing): prompt_tokens and completion_tokens,
+    summed over the replies that reported `usage` (None when none did), and usage_unknown, the
+    replies that did not (judges that make no HTTP calls report None, None, 0).
+
+    `progress(line)` receives a line every `progress_every_s` seconds while calls run, and one at
+    the end (JudgeProgress); a judge whose judge_batch takes `on_result` is counted call by call,
+    any other chunk by chunk.
     """
     pairs = list(dict.fromkeys(_pairs(rows)))  # distinct, first-seen order
     keyed = {content_key(i, r): (i, r) for i, r in pairs}
-    counts = dict(requested=len(keyed), cached=0, retried=0, judged=0, ok=0, failed=0,
-                  positives=0, negatives=0)
+    counts: dict[str, int | None] = dict(requested=len(keyed), cached=0, retried=0, judged=0, ok=0, failed=0,
+                                         positives=0, negatives=0, prompt_tokens=None, completion_tokens=None,
+                                         usage_unknown=0)
     if not keyed:
         return counts
 
@@ -480,10 +681,26 @@ def label_pending(con, judge: Judge, rows: Iterable[tuple[str, str] | Mapping[st
     counts["cached"] = sum(1 for s in status.values() if s == "ok")
     todo = [k for k in keyed if status.get(k) != "ok" and (retry_failed or k not in status)]
     counts["retried"] = sum(1 for k in todo if status.get(k) == "failed")
+    if not todo:
+        return counts
 
+    tracker = JudgeProgress(len(todo), progress, every_s=progress_every_s) if progress else None
+    per_call = tracker is not None and _takes_on_result(judge)
+    with tracker if tracker is not None else contextlib.nullcontext():
+        _judge_chunks(con, judge, keyed, todo, chunk_size, counts, tracker, per_call)
+    return counts
+
+
+def _judge_chunks(con, judge: Judge, keyed: dict, todo: list[str], chunk_size: int, counts: dict,
+                  tracker: JudgeProgress | None, per_call: bool) -> None:
     for start in range(0, len(todo), chunk_size):
         keys = todo[start:start + chunk_size]
-        results = judge.judge_batch([keyed[k] for k in keys])
+        items = [keyed[k] for k in keys]
+        results = (judge.judge_batch(items, on_result=tracker.add) if per_call
+                   else judge.judge_batch(items))
+        if tracker is not None and not per_call:
+            for res in results:
+                tracker.add(res)
         if len(results) != len(keys):
             raise RuntimeError(f"judge {judge.name} returned {len(results)} results for {len(keys)} items")
         # Judges scrub their own texts; again here, because these are stored.
@@ -494,7 +711,11 @@ def label_pending(con, judge: Judge, rows: Iterable[tuple[str, str] | Mapping[st
             counts["ok" if res.status == "ok" else "failed"] += 1
             if res.status == "ok":
                 counts["positives" if res.polarity == POSITIVE else "negatives"] += 1
-    return counts
+        usage = usage_totals(results)
+        for key in ("prompt_tokens", "completion_tokens"):
+            if usage[key] is not None:
+                counts[key] = (counts[key] or 0) + usage[key]
+        counts["usage_unknown"] += usage["usage_unknown"]
 
 
 def _store(con, judge_name: str, rows: list[tuple[str, str, str, JudgeResult]]) -> None:

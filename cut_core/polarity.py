@@ -17,6 +17,9 @@ Two neighbouring rules live here too, for the same reason (one answer per text):
 - a contradiction: a negative judgment that starts, after the same leading noise, with a
   contradiction prefix ("The response is perfect") (`contradicts` / `contradiction_sql`).
 
+A structured judge's verdict ("good" | "bad", `verdict_label`) sets polarity directly,
+and what it stores is checked to read the same way by the text rule.
+
 Each rule is written in Python and as a DuckDB expression; tests/test_polarity.py checks that
 the two agree on the same texts through a real DuckDB connection.
 """
@@ -106,3 +109,33 @@ def judge_rules(sources: Sequence) -> tuple[list[str], list[str]]:
     prefixes = list(dict.fromkeys(p for pol in unlabeled for p in pol.positive_prefixes))
     markers = list(dict.fromkeys(m for pol in unlabeled for m in pol.failed_markers))
     return prefixes or list(DEFAULT_POSITIVE_PREFIXES), markers or list(DEFAULT_FAILED_MARKERS)
+
+
+# ---------------------------------------------------------------- structured verdicts
+
+# A structured judge (OpenAIJudge(response_format="json")) answers {"verdict", "judgment"}: the
+# verdict decides polarity through this table, and the stored row must still read the same way by
+# the text rule above, so that the warehouse's polarity column never disagrees with its judgment:
+#   good -> positive, judgment stored as None (the paper's data stores a positive without text;
+#           the objectives that need a positive's text use their defaults, contrast.py)
+#   bad  -> negative, judgment stored as written; it must be non-blank (a negative without text
+#           trains nothing) and must not read as positive by the prefix rule (a "bad" verdict whose
+#           text says "Perfect..." contradicts itself: the call failed, it is no label).
+VERDICTS = {"good": POSITIVE, "bad": NEGATIVE}
+
+
+def verdict_label(verdict: object, judgment: object,
+                  positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES) -> tuple[str | None, str]:
+    """(stored judgment, polarity) of a structured verdict, or ValueError saying why it is no label."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict {verdict!r} is not one of {sorted(VERDICTS)}")
+    if not isinstance(judgment, str):
+        raise ValueError(f"judgment is {type(judgment).__name__}, expected a string")
+    if VERDICTS[verdict] == POSITIVE:
+        return None, POSITIVE
+    if is_blank(judgment):
+        raise ValueError("verdict 'bad' with a blank judgment (a negative needs its text)")
+    if polarity_of(judgment, positive_prefixes) == POSITIVE:
+        raise ValueError("verdict 'bad' but the judgment reads as positive by the prefix rule "
+                         f"(starts with one of {list(positive_prefixes)}): a self-contradicting reply")
+    return judgment.strip(), NEGATIVE

@@ -32,6 +32,10 @@ def resolve_secret(name: str) -> str:
     return Secret.load(name).get()
 
 
+# How often a batch being judged reports progress to the task's log ("judge: 120/500 done ...").
+PROGRESS_EVERY_S = 30.0
+
+
 class TooManyFailedJudgments(RuntimeError):
     """Most judge calls failed: the results are stored, the flow should stop and say why."""
 
@@ -49,11 +53,21 @@ def pipeline_judge(pipeline: Pipeline) -> Judge:
                        failed_markers=markers)
 
 
+def _tokens(counts: dict) -> str:
+    """The token usage of a batch for the log: unknown where no reply reported it."""
+    def n(key: str) -> str:
+        return "unknown" if counts.get(key) is None else str(counts[key])
+    text = f"{n('prompt_tokens')} prompt + {n('completion_tokens')} completion tokens"
+    if counts.get("usage_unknown"):
+        text += f" ({counts['usage_unknown']} replies reported no usage: not in the sums)"
+    return text
+
+
 def _check(counts: dict, judge: Judge, max_failed_rate: float) -> None:
     task_logger(__name__).info(
-        "judge %s: %d requested, %d cached, %d judged (%d ok: %d positive, %d negative; %d failed)",
+        "judge %s: %d requested, %d cached, %d judged (%d ok: %d positive, %d negative; %d failed); %s",
         judge.name, counts["requested"], counts["cached"], counts["judged"], counts["ok"],
-        counts["positives"], counts["negatives"], counts["failed"])
+        counts["positives"], counts["negatives"], counts["failed"], _tokens(counts))
     if counts["judged"] and counts["failed"] / counts["judged"] > max_failed_rate:
         raise TooManyFailedJudgments(
             f"{counts['failed']} of {counts['judged']} judge calls failed (> {max_failed_rate:.0%}). "
@@ -79,7 +93,8 @@ def label_unlabeled(pipeline_json: str, warehouse: str, files: list[str] | None 
         if digests is not None:
             files = (files or []) + warehouse_sources(con, digests)
         pending = wh.unlabeled_triplets(con, sources=files)
-        counts = label_pending(con, judge, pending)
+        counts = label_pending(con, judge, pending, progress=task_logger(__name__).info,
+                               progress_every_s=PROGRESS_EVERY_S)
         counts["labeled"] = wh.apply_judgments(con, judge.name)
     finally:
         con.close()
@@ -101,7 +116,8 @@ def judge_pairs(pipeline_json: str, warehouse: str, generations: str, batch: str
     frame = pl.read_parquet(generations).select("prompt_index", "instruction", "response")
     con = connect(warehouse)
     try:
-        counts = label_pending(con, judge, frame.select("instruction", "response").rows())
+        counts = label_pending(con, judge, frame.select("instruction", "response").rows(),
+                               progress=task_logger(__name__).info, progress_every_s=PROGRESS_EVERY_S)
         judged = wh.judgments_of(con, judge.name, frame.to_arrow())
         ok = (judged["status"] == "ok").fill_null(False)
         rows = judged.with_columns(

@@ -139,7 +139,9 @@ def test_positive_and_negative_judgments_with_the_papers_prompt(server, monkeypa
                                         api_key_env="MY_JUDGE_KEY"))
     good, bad = judge.judge_batch([("good: add 2 and 2", "4"), ("bad: add 2 and 2", "5")])
 
-    assert good == JudgeResult(judgment='"Perfect."', polarity="positive", status="ok", attempts=1)
+    # This server reports no `usage`: the reply's tokens are unknown (counted), not zero.
+    assert good == JudgeResult(judgment='"Perfect."', polarity="positive", status="ok", attempts=1,
+                               prompt_tokens=None, completion_tokens=None, usage_unknown=1)
     assert bad.status == "ok" and bad.polarity == "negative" and bad.attempts == 1
     assert bad.judgment == "The answer is wrong: 2 + 2 is 4, not 5."
 
@@ -319,7 +321,7 @@ def test_labeling_caches_and_never_stores_failures_as_negatives(tmp_path):
     assert sorted(pending) == sorted(pairs)
 
     counts = judges.label_pending(con, judge, pending + pending[:2], chunk_size=2)  # duplicates collapse
-    assert counts == dict(requested=5, cached=0, retried=0, judged=5, ok=4, failed=1, positives=2, negatives=2)
+    assert counts == dict(requested=5, cached=0, retried=0, judged=5, ok=4, failed=1, positives=2, negatives=2, prompt_tokens=None, completion_tokens=None, usage_unknown=0)
     labeled = judges.apply_judgments(con, judge.name)
     assert labeled == counts["ok"] == 4
     con.close()
@@ -342,7 +344,7 @@ def test_labeling_caches_and_never_stores_failures_as_negatives(tmp_path):
     verifier.seen.clear()
     counts = judges.label_pending(con, judge, judges.unlabeled_triplets(con) + pairs)
     assert verifier.seen == [("3+3", "6")]
-    assert counts == dict(requested=5, cached=4, retried=1, judged=1, ok=1, failed=0, positives=1, negatives=0)
+    assert counts == dict(requested=5, cached=4, retried=1, judged=1, ok=1, failed=0, positives=1, negatives=0, prompt_tokens=None, completion_tokens=None, usage_unknown=0)
     assert judges.apply_judgments(con, judge.name) == 1
     assert judges.unlabeled_triplets(con) == []
 
@@ -360,7 +362,9 @@ def test_labeling_over_http_counts_failures(tmp_path, server):
     _insert_triplets(con, pairs)
     judge = _judge(server, max_retries=1)
     counts = judges.label_pending(con, judge, judges.unlabeled_triplets(con))
-    assert counts == dict(requested=4, cached=0, retried=0, judged=4, ok=2, failed=2, positives=1, negatives=1)
+    # Three 2xx replies without `usage` (good, bad, not-json); the 500s are no reply at all.
+    assert counts == dict(requested=4, cached=0, retried=0, judged=4, ok=2, failed=2, positives=1, negatives=1,
+                          prompt_tokens=None, completion_tokens=None, usage_unknown=3)
     assert judges.apply_judgments(con, judge.name) == 2
     attempts = dict(con.execute("SELECT instruction, attempts FROM judgments WHERE status = 'failed'").fetchall())
     assert attempts == {"server-error": 2, "not-json": 1}
