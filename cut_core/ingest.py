@@ -665,6 +665,11 @@ def _read_arrow(cur: duckdb.DuckDBPyConnection, path: Path, max_record_bytes: in
 
 # ---------------------------------------------------------------- conversations: messages and prompt/completion
 
+def _json_kind(value) -> str:
+    return {list: "an array", dict: "an object", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def _conversation(rec: dict, msgs_key: str, instr_key: str, resp_key: str) -> tuple[dict | None, tuple | None]:
     """A `messages` record (or TRL's conversational prompt/completion) -> (flat record, None), or
     (None, (reason, detail)) when it cannot be one, or (None, None) when it is not a conversation."""
@@ -679,10 +684,10 @@ def _conversation(rec: dict, msgs_key: str, instr_key: str, resp_key: str) -> tu
                       "a row is a conversation or an instruction, not both")
     for k, t in enumerate(turns):
         if not isinstance(t, dict):
-            return None, ("wrong_type", f"{where}[{k}] is {type(t).__name__}, expected an object {{role, content}}")
+            return None, ("wrong_type", f"{where}[{k}] is {_json_kind(t)}, expected an object {{role, content}}")
         for key in ("role", "content"):
             if not isinstance(t.get(key), str):
-                got = "absent" if key not in t else f"{type(t[key]).__name__}"
+                got = "absent" if key not in t else _json_kind(t[key])
                 return None, ("wrong_type", f"{where}[{k}].{key} is {got}, expected a string")
     last = max((k for k, t in enumerate(turns) if t["role"] == "assistant"), default=None)
     if last is None:
