@@ -35,23 +35,29 @@ MODELS = ("alpaca-7b", "llama-2-13b-chat", "gpt-3.5-turbo", "wizardlm-7b")
 FILE = "sample.jsonl"
 
 
+# Each model phrases its answer its own way, so the completions of one prompt never coincide.
+STYLE = {"alpaca-7b": "{a} + {b} = {s}.", "llama-2-13b-chat": "Sure! {a} plus {b} equals {s}.",
+         "gpt-3.5-turbo": "The sum of {a} and {b} is {s}.", "wizardlm-7b": "Answer: {s}"}
+
+
 def _completion(rng: random.Random, model: str, a: int, b: int) -> dict:
     right = a + b
     kind = rng.choice(("right", "right", "carry", "off_by_ten", "rambling"))
     if kind == "carry" and (a % 10 + b % 10) < 10:   # no carry to forget
         kind = "off_by_ten"
+    say = lambda s: STYLE[model].format(a=a, b=b, s=s)  # noqa: E731
     if kind == "right":
-        response = f"{a} + {b} = {right}."
+        response = say(right)
         critique, score = "Perfect. The sum is correct and stated plainly.", rng.choice((8.5, 9.0, 10.0))
     elif kind == "carry":
-        response = f"{a} + {b} = {right - 10}."
+        response = say(right - 10)
         critique, score = ("The answer is wrong: the carry from the ones column was not added to the tens.",
                            rng.choice((2.0, 3.0)))
     elif kind == "off_by_ten":
-        response = f"The sum of {a} and {b} is {right + 10}."
+        response = say(right + 10)
         critique, score = "The tens digit is wrong by one; the ones digit is right.", rng.choice((3.0, 4.0))
     else:
-        response = f"Adding numbers is a basic skill. {a} + {b} = {right}, as everyone learns at school."
+        response = "Adding numbers is a basic skill, as everyone learns at school. " + say(right)
         critique, score = ("The sum is right but the response pads it with irrelevant remarks; answer only.",
                            rng.choice((5.0, 6.0)))
     return {"model": model, "response": response, "critique": critique, "overall_score": score,
