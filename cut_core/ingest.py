@@ -712,26 +712,22 @@ def _conversation(rec: dict, msgs_key: str, instr_key: str, resp_key: str) -> tu
     return out, None
 
 
-def _conversations(chunk: pa.Table, source: dsl.Source) -> tuple[pa.Table, bool]:
+def _conversations(chunk: pa.Table, source: dsl.Source, row_numbers: Sequence[int]) -> pa.Table:
     """Rewrite the chunk's conversation rows (a `messages` list, or TRL's conversational `prompt`
-    and `completion` lists) into flat records: the response is the last (assistant) turn, the
-    instruction the turns before it as text, their turns under ingest_sql.CONTEXT_KEY. Only rows
-    whose text names such a key are parsed here. The record as read stays in pre_raw, so a
-    reject shows it. Returns (chunk, whether any row was rewritten)."""
+    and `completion` lists; the validation query names them by `row_numbers`) into flat records:
+    the response is the last (assistant) turn, the instruction the turns before it as text, their
+    turns under ingest_sql.CONTEXT_KEY. A conversation that cannot be a triplet is rejected here,
+    with its reason. The record as read stays in pre_raw, so a reject shows it."""
     cols = source.columns
     msgs_key = cols.get("messages", "messages")
+    rows = np.searchsorted(chunk.column("row_number").to_numpy(), np.asarray(row_numbers, np.int64))
     text = chunk.column("text")
-    hit = pc.or_(pc.match_substring(text, json.dumps(msgs_key)), pc.match_substring(text, '"completion"'))
-    rows = np.flatnonzero(pc.fill_null(hit, False).to_numpy(zero_copy_only=False))
-    if not len(rows):
-        return chunk, False
     instr_key = cols.get("instruction", "instruction")
     resp_key = cols.get("response", "response")
     texts = text.to_pylist()
     reasons = chunk.column("pre_reason").to_pylist()
     details = chunk.column("pre_detail").to_pylist()
     raws = chunk.column("pre_raw").to_pylist()
-    changed = False
     for i in rows.tolist():
         try:
             rec = json.loads(texts[i])
@@ -742,17 +738,13 @@ def _conversations(chunk: pa.Table, source: dsl.Source) -> tuple[pa.Table, bool]
         flat, bad = _conversation(rec, msgs_key, instr_key, resp_key)
         if flat is None and bad is None:
             continue
-        changed = True
         raws[i] = texts[i].rstrip("\r\n")
         if bad is not None:
             reasons[i], details[i], texts[i] = bad[0], bad[1], None
         else:
             texts[i] = json.dumps(flat, ensure_ascii=False)
-    if not changed:
-        return chunk, False
     return pa.table([chunk.column("row_number"), pa.array(texts, pa.large_string()), pa.array(reasons, pa.string()),
-                     pa.array(details, pa.large_string()), pa.array(raws, pa.large_string())],
-                    schema=CHUNK_SCHEMA), True
+                     pa.array(details, pa.large_string()), pa.array(raws, pa.large_string())], schema=CHUNK_SCHEMA)
 
 
 def csv_delimiter(path: Path, source: dsl.Source) -> str:
@@ -940,15 +932,21 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
             chunk = next(chunks, None)
             if chunk is None:
                 break
-            chunk, conversations = _conversations(chunk, source)
-            check_sql = check_sqls[conversations]
             # many small record batches: DuckDB scans an Arrow stream batch by batch on every core
             # (one 64 MB batch would hold every statement over the chunk to one thread)
             stream = _Stream(pa.Table.from_batches(chunk.to_batches(max_chunksize=SCAN_BATCH_ROWS)))
             del chunk
             con.register("_ingest_chunk", stream)
             try:
-                con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sql}")
+                con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sqls[False]}")
+                conversations = [r[0] for r in con.sql(
+                    "SELECT row_number FROM _ingest_checked WHERE reason = $r ORDER BY 1",
+                    params={"r": ingest_sql.CONVERSATION}).fetchall()]
+                if conversations:   # rewrite those rows (Python, these rows only) and check again
+                    con.unregister("_ingest_chunk")
+                    stream.table = _conversations(stream.table, source, conversations)
+                    con.register("_ingest_chunk", stream)
+                    con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sqls[True]}")
                 _explain_json_errors(con)
                 seconds["check"] += time.perf_counter() - t
                 t = time.perf_counter()

@@ -49,6 +49,9 @@ def _pointer(key: str) -> str:
 _SEGMENT = re.compile(r"([^.\[\]]+)((?:\[(?:\*|\d+)\])*)")
 # Where a messages row's stored turns travel from the reader to this query (cut_core.ingest).
 CONTEXT_KEY = "__cut_context__"
+# The reason validation_sql(context=False) gives a conversation row: the reader rewrites it and
+# checks it again; it never reaches the warehouse.
+CONVERSATION = "_conversation"
 
 
 def is_path(spec: str) -> bool:
@@ -105,8 +108,10 @@ def _json_kind(type_expr: str) -> str:
 def validation_sql(source: dsl.Source, *, context: bool = False) -> str:
     """The query that checks `_ingest_chunk(row_number, text)`; see the module docstring.
 
-    context: the chunk holds rewritten `messages` rows (cut_core.ingest): read their stored turns
-    (CONTEXT_KEY) into `context`, which then enters the id (warehouse.triplet_id_sql).
+    context=False: a conversation row (a `messages` array, or `prompt` and `completion` arrays)
+    gets the reason CONVERSATION; the reader rewrites those rows (cut_core.ingest) and checks the
+    chunk again with context=True, which reads their stored turns (CONTEXT_KEY) into `context`,
+    where it enters the id (warehouse.triplet_id_sql).
 
     Every expression that only matters for some rows sits under a CASE, which DuckDB evaluates
     only for the rows that take that branch: the good path parses each line three times
@@ -143,7 +148,12 @@ def validation_sql(source: dsl.Source, *, context: bool = False) -> str:
     row_keys = [c for cands in fields.values() for c in cands if c[1] == "row"]
     el_keys = [c for cands in fields.values() for c in cands if c[1] == "el"]
     paths = "[" + ", ".join(lit(p) for _, _, p in row_keys) + "]"
-    type_paths = "['$', " + paths[1:]
+    # conversation keys: typed (one more path in a parse that happens anyway), never extracted
+    conv_keys = [] if context else [cols.get("messages", "messages"), "prompt", "completion"]
+    type_paths = "[" + ", ".join(["'$'"] + [lit(p) for _, _, p in row_keys] + [lit(_pointer(k)) for k in conv_keys]) + "]"
+    n = len(row_keys) + 1
+    is_conversation = (f"(ty[{n + 1}] = 'ARRAY' OR (ty[{n + 2}] = 'ARRAY' AND ty[{n + 3}] = 'ARRAY'))"
+                       if conv_keys else "false")
     el_paths = "[" + ", ".join(lit(p) for _, _, p in el_keys) + "]"
 
     def pick(name: str) -> tuple[str, str, str]:
@@ -246,7 +256,7 @@ WITH parsed AS (
     FROM units
 ), fields AS (
     SELECT unit, row_number, element, text, pre_detail, pre_raw, early, arr_t, ty[1] AS top, {', '.join(picked)},
-           {score} AS score
+           {score} AS score, COALESCE({is_conversation}, false) AS is_conversation
     FROM extracted
 ), labelled AS (
     SELECT *,
@@ -268,6 +278,7 @@ WITH parsed AS (
            COALESCE(polarity = 'negative' AND judgment IS NOT NULL AND {says_perfect}, false) AS contradiction,
            CASE WHEN early IS NOT NULL THEN early
                 WHEN top <> 'OBJECT' THEN 'not_an_object'
+                WHEN is_conversation THEN {lit(CONVERSATION)}
                 WHEN {empty_array} THEN 'empty_array'
                 WHEN {' OR '.join(bad_text)} THEN 'wrong_type'
                 WHEN instruction_v IS NULL OR {blank.format('instruction_v')} THEN 'missing_instruction'
