@@ -19,6 +19,12 @@ reject table) are read and rendered to JSON by DuckDB. Then, per chunk, DuckDB d
     warehouse.add_checked: find duplicates with hash joins (against the warehouse and within
         the chunk), write triplets and rejects with one INSERT each
 
+Conversations (a `messages` list, or TRL's conversational `prompt` + `completion`) are named by
+the check statement and only those rows are rewritten in Python into flat records (response =
+the last, assistant turn; instruction = the turns before it as text, the turns themselves kept
+for `triplets.context`), then the chunk is checked again. `format="hf"` expands a `datasets`
+folder into its Arrow files or Parquet shards (hf_files); an Arrow file is read like Parquet.
+
 Python touches single rows only where they are bad (to keep the raw bytes of a non-UTF-8 line,
 to explain a JSON syntax error). Phase timings are in FileReport.seconds.
 

@@ -6,9 +6,14 @@ pre_reason VARCHAR, pre_detail VARCHAR, pre_raw VARCHAR)`: `text` is one record 
 invalid_encoding, malformed_csv, oversized, wrong_type for a BINARY Parquet value that is not
 UTF-8), with its detail and raw text. It yields one row per input row:
 
-    row_number, reason, detail, raw,                                   -- reason NULL: a good row
-    instruction, response, judgment, polarity, refined, score, contradiction, -- good rows only
+    unit, row_number, element, reason, detail, raw,                    -- reason NULL: a good row
+    instruction, context, response, judgment, polarity, refined, score, contradiction, -- good rows only
     id                                                                 -- good rows: the content hash
+
+A column map may name paths into nested JSON (parse_path); one array may be exploded ([*]): a
+row then gives one unit per element (`element`, 0-based; `unit` numbers the units of the chunk),
+and a row whose array is absent or empty one unit rejected as empty_array. Without [*], unit =
+row_number and element is NULL.
 
 `raw` is the record's text for rejected rows (a duplicate's comes from the chunk itself). The id is
 warehouse.content_key_sql (sha256 in DuckDB, the same bytes as warehouse.content_key), the

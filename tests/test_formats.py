@@ -204,7 +204,10 @@ def test_repo_datasets_folder_does_not_shadow_the_library():
     """From the repo root (first on sys.path) `import datasets` is the installed library: the
     top-level datasets/ folder has no __init__.py, so it is only a namespace-package candidate."""
     pytest.importorskip("datasets")
+    import importlib.util
+
     assert not (ROOT / "datasets" / "__init__.py").exists()
+    assert importlib.util.find_spec("datasets").origin.endswith(os.path.join("datasets", "__init__.py"))  # in pytest
     out = subprocess.run([sys.executable, "-c", "import datasets, transformers.trainer as t; "
                           "print(datasets.__file__, t.is_datasets_available())"],
                          cwd=ROOT, capture_output=True, text=True, check=True,
@@ -322,6 +325,14 @@ def test_messages_pipeline_trains_one_cut_step_with_the_chat_template(tmp_path):
         by_kind["align_n"]["input_ids"][:by_kind["align_n"]["response_start"]]
     assert by_kind["align_n"]["input_ids"][by_kind["align_n"]["response_start"]:] == \
         by_kind["misalign"]["input_ids"][by_kind["misalign"]["response_start"]:]
+
+    # DPO pairs from the same conversations: the prompt is the conversation through the chat template
+    from cut_core.dsl import DPO
+    from cut_core.preference import materialize_pairs
+
+    pairs = pl.read_parquet(materialize_pairs(triplets, tok, objective=DPO(), template="chat", out_dir=tmp_path / "p"))
+    assert pairs.select("prompt", "chosen", "rejected").rows() == [
+        (tok.apply_chat_template(MULTI, tokenize=False, add_generation_prompt=True), "8", "9")]
 
     out = tmp_path / "run"
     train_cli.run({"model_path": str(model_dir), "examples": str(examples), "output_dir": str(out),
