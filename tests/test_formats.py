@@ -359,3 +359,18 @@ def test_messages_pipeline_trains_one_cut_step_with_the_chat_template(tmp_path):
                       max_new_tokens=3, batch_size=1, samples=1, threshold=1.1, template="chat", min_judged=1)
     assert seen == [templates.conversation_text(MULTI)]   # the judge reads the conversation as text
     assert result["metrics"]["n"] == 1 and result["metrics"]["heldout_nll"] is not None
+
+
+def test_heldout_prompt_files_may_hold_conversations(tmp_path):
+    """Evaluation reads held-out `messages` rows (the flows' read_prompts keeps the turns);
+    online sampling refuses them instead of flattening them to text."""
+    from tasks.generate import read_prompts, sample_prompts
+
+    path = write_jsonl(tmp_path / "heldout.jsonl", [{"messages": MULTI, "reference": "8"}])
+    rows = read_prompts(str(path)).to_dicts()
+    assert rows[0]["messages"] == MULTI and rows[0]["instruction"] == templates.conversation_text(MULTI)
+    with pytest.raises(ValueError, match="not yet generated for online"):
+        sample_prompts.fn(str(path), str(tmp_path / "w.duckdb"), "p", 1, str(tmp_path / "s.parquet"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": MULTI + turns(("assistant", "8"))}])
+    with pytest.raises(ValueError, match="row 1: a conversation prompt ends with the user turn"):
+        read_prompts(str(bad))
