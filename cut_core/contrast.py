@@ -1,6 +1,6 @@
 """Triplets -> examples Parquet (token ids): the contrastive examples of CUT and the baselines' MLE rows.
 
-    triplets (id, instruction, response, judgment, polarity, refined)
+    triplets (id, instruction, response, judgment, polarity, refined[, context])
         -> <out_dir>/<digest>.parquet   one row per example (docs/architecture.md):
               triplet_id: str, kind: str, input_ids: list[int32], response_start: int32
         -> <out_dir>/<digest>.json      stats: counts by kind, truncations, mean lengths, settings
@@ -84,15 +84,18 @@ def labeled_triplets(triplets: pl.DataFrame) -> pl.DataFrame:
     """The rows materialize uses: labeled (polarity not null), the six columns, sorted by id.
 
     Sorting makes the output (and the Align-P sample) independent of the order rows come in.
-    `judgment` and `refined` may be absent from the input; they are then null.
+    `judgment`, `refined` and `context` may be absent from the input; they are then null.
+    `context` (the warehouse's column) holds a multi-turn prompt's turns as JSON; the id already
+    covers it (warehouse.content_key), so the digest reads the six columns only.
     """
     missing = [c for c in ("id", "instruction", "response", "polarity") if c not in triplets.columns]
     if missing:
         raise ValueError(f"triplets lack column(s) {missing}; expected {TRIPLET_COLUMNS}")
     frame = triplets.with_columns(
-        [pl.lit(None, dtype=pl.String).alias(c) for c in ("judgment", "refined") if c not in triplets.columns])
+        [pl.lit(None, dtype=pl.String).alias(c) for c in ("judgment", "refined", "context")
+         if c not in triplets.columns])
     frame = (
-        frame.select(pl.col(c).cast(pl.String) for c in TRIPLET_COLUMNS)
+        frame.select(pl.col(c).cast(pl.String) for c in TRIPLET_COLUMNS + ("context",))
         .filter(pl.col("polarity").is_not_null())
         .sort("id")
     )
@@ -189,6 +192,7 @@ def _rows(src: pl.DataFrame, kind: str, order: int, prompt_kind: str,
         pl.lit(order, dtype=pl.Int8).alias("order"),
         pl.lit(prompt_kind).alias("prompt_kind"),
         pl.col("instruction"),
+        pl.col("context"),
         pl.col("response"),
         (judgment if judgment is not None else pl.lit(None, dtype=pl.String)).alias("judgment"),
         target.alias("target"),
@@ -324,7 +328,7 @@ def refined_negatives(neg: pl.DataFrame, objective: ILFMLE | ILFDPO, refine_fn: 
 
 def _prompt_text(row: dict, template: str, tokenizer: Any) -> str:
     return templates.render(row["prompt_kind"], template, row["instruction"], judgment=row["judgment"],
-                            response=row["response"], tokenizer=tokenizer)
+                            response=row["response"], tokenizer=tokenizer, context=row["context"])
 
 
 def _tokenize(plan: pl.DataFrame, tokenizer: Any, template: str) -> pl.DataFrame:

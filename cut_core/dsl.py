@@ -96,13 +96,17 @@ class Polarity(Section):
 
 class Source(Section):
     paths: list[str] = Field(
-        min_length=1, description="files or glob patterns (JSONL, JSON array, Parquet or CSV), relative to the pipeline file")
-    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = Field(
-        default="auto", description="file format; 'auto' decides by extension (.jsonl/.ndjson, .json, .parquet, .csv)")
+        min_length=1, description="files or glob patterns (JSONL, JSON array, Parquet, CSV, Arrow), relative to the "
+        "pipeline file; with format='hf', also folders (a `datasets` save_to_disk folder, or hub-layout Parquet shards)")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "arrow", "hf"] = Field(
+        default="auto", description="file format; 'auto' decides by extension (.jsonl/.ndjson, .json, .parquet, .csv, "
+        ".arrow); 'hf': Hugging Face `datasets` folders (save_to_disk Arrow files, or data/*.parquet shards)")
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="canonical name -> column in the file, e.g. {'instruction': 'question'}; canonical names: "
-        + ", ".join(CANONICAL_COLUMNS) + ", refined, score",
+        description="canonical name -> column in the file, e.g. {'instruction': 'question'}, or a path into nested "
+        "JSON: keys joined by '.', key[N] for element N, key[*] for every element (one triplet per element), e.g. "
+        "{'response': 'completions[*].response'}; canonical names: "
+        + ", ".join(CANONICAL_COLUMNS) + ", refined, score, messages (the conversation column)",
     )
     polarity: Polarity = Field(default_factory=Polarity, description="how a judgment becomes positive or negative")
     labeled: bool = Field(
@@ -114,10 +118,18 @@ class Source(Section):
 
     @model_validator(mode="after")
     def _known_columns(self) -> "Source":
-        allowed = set(CANONICAL_COLUMNS) | {"refined", "score", "id"}
+        from cut_core.ingest_sql import explode_array, is_path, parse_path
+
+        allowed = set(CANONICAL_COLUMNS) | {"refined", "score", "id", "messages"}
         unknown = sorted(set(self.columns) - allowed)
         if unknown:
             raise ValueError(f"columns maps unknown canonical names {unknown}; allowed: {sorted(allowed)}")
+        for name, spec in self.columns.items():
+            if is_path(spec):
+                if name == "messages":
+                    raise ValueError(f"columns['messages'] names a top-level column, not a path ({spec!r})")
+                parse_path(spec)
+        explode_array(self.columns)
         return self
 
 

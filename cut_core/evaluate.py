@@ -76,7 +76,8 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], respon
 
 def token_flags(model: Any, tokenizer: Any, items: Sequence[tuple[str, str, str]], *, threshold: float,
                 batch_size: int, template: str = "alpaca", max_length: int | None = None) -> list[dict]:
-    """Eq. 5 on (instruction, response, negative judgment) triplets.
+    """Eq. 5 on (instruction, response, negative judgment) triplets; an instruction may be a
+    conversation (a list of {role, content} turns ending with the user's).
 
     For each: response ids, log p under the judge prompt [x, j-] (Align-N) and the plain prompt
     x (Misalign), and the flags of `loss.cut_token_loss` (the same rule training applies).
@@ -141,15 +142,20 @@ def evaluate(model: Any, tokenizer: Any, heldout_rows: Sequence[Mapping[str, Any
     see `judges.score_refusal`), in which case metrics['positive_rate'] is None.
 
     heldout_rows: mappings with 'instruction' (optional 'input', appended after a newline, and
-    'reference', a reference response for heldout_nll). Every value in 'metrics' is a number or
+    'reference', a reference response for heldout_nll), or with 'messages' in place of
+    'instruction': a conversation's prompt turns, ending with the user turn to answer (the judge
+    reads it as text, templates.conversation_text). Every value in 'metrics' is a number or
     None (e.g. heldout_nll without references), ready for MLflow.
     """
     rows = list(heldout_rows)
-    instructions = [templates.format_instruction(r["instruction"], r.get("input")) for r in rows]
+    # a row holds an instruction, or a conversation's prompt turns under 'messages'
+    prompts = [templates.check_turns(r["messages"]) if r.get("messages") is not None
+               else templates.format_instruction(r["instruction"], r.get("input")) for r in rows]
+    instructions = [templates.prompt_text(p) for p in prompts]
     was_training = model.training
     model.eval()
     try:
-        responses = generate(model, tokenizer, instructions, max_new_tokens=max_new_tokens,
+        responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, template=template)
         results = judge.judge_batch(list(zip(instructions, responses))) if rows else []
         # The samples are stored: no text in them may hold the judge's key, whatever it echoed.
@@ -172,7 +178,7 @@ def evaluate(model: Any, tokenizer: Any, heldout_rows: Sequence[Mapping[str, Any
         metrics.update({f"judge_{k}": v for k, v in usage_totals(results).items()})
 
         # Held-out NLL of the references: token-weighted, like the training loss over a corpus.
-        refs = [(x, r["reference"]) for x, r in zip(instructions, rows) if r.get("reference")]
+        refs = [(x, r["reference"]) for x, r in zip(prompts, rows) if r.get("reference")]
         metrics["heldout_nll"] = None
         if refs:
             logps = scored_logprobs(
@@ -182,7 +188,7 @@ def evaluate(model: Any, tokenizer: Any, heldout_rows: Sequence[Mapping[str, Any
 
         # Eq. 5 on every negatively judged response.
         negative_idx = [k for k, r in enumerate(results) if r.status == "ok" and r.polarity == NEGATIVE]
-        flags = token_flags(model, tokenizer, [(instructions[k], responses[k], results[k].judgment)
+        flags = token_flags(model, tokenizer, [(prompts[k], responses[k], results[k].judgment)
                                                for k in negative_idx],
                             threshold=threshold, batch_size=batch_size, template=template, max_length=max_length)
         n_tokens = sum(len(f["flagged"]) for f in flags)

@@ -93,12 +93,13 @@ def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, m
     return outputs
 
 
-def generate(model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new_tokens: int,
+def generate(model: Any, tokenizer: Any, instructions: Sequence[Any], *, max_new_tokens: int,
              batch_size: int, greedy: bool = True, template: str = "alpaca",
              max_prompt_tokens: int | None = None) -> list[str]:
     """One response per instruction, in order, from the plain prompt of `template`.
 
-    `instructions` already hold any `input` (see templates.format_instruction). Greedy by
+    `instructions` already hold any `input` (see templates.format_instruction); one may be a
+    conversation, a list of {role, content} turns ending with the user's. Greedy by
     default, as the paper generates its online data. The prompt ids are
     `sequences.plain_prompt_ids`: the very ids training puts before a Misalign / Align-P response.
     """

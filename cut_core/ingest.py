@@ -19,6 +19,12 @@ reject table) are read and rendered to JSON by DuckDB. Then, per chunk, DuckDB d
     warehouse.add_checked: find duplicates with hash joins (against the warehouse and within
         the chunk), write triplets and rejects with one INSERT each
 
+Conversations (a `messages` list, or TRL's conversational `prompt` + `completion`) are named by
+the check statement and only those rows are rewritten in Python into flat records (response =
+the last, assistant turn; instruction = the turns before it as text, the turns themselves kept
+for `triplets.context`), then the chunk is checked again. `format="hf"` expands a `datasets`
+folder into its Arrow files or Parquet shards (hf_files); an Arrow file is read like Parquet.
+
 Python touches single rows only where they are bad (to keep the raw bytes of a non-UTF-8 line,
 to explain a JSON syntax error). Phase timings are in FileReport.seconds.
 
@@ -67,7 +73,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cut_core import dsl, ingest_sql
+from cut_core import dsl, ingest_sql, templates
 from cut_core import warehouse as wh
 from cut_core.ingest_sql import ident as _ident
 from cut_core.ingest_sql import lit as _lit
@@ -85,6 +91,9 @@ REASONS = {
     "malformed_csv": "a CSV record DuckDB could not split into the header's columns",
     "invalid_encoding": "the bytes are not valid in the UTF-16/32 encoding the file's byte-order mark names",
     "oversized": "the record is longer than the maximum record size (Ingestion.max_record_bytes)",
+    "empty_array": "the array a column map explodes ([*]) is absent, empty or not an array",
+    "malformed_messages": "a `messages` (or prompt/completion) conversation that does not end with the assistant "
+                          "turn answering a user turn",
 }
 
 # Bump when the validation rules change: the digest of a file includes it, so a file ingested
@@ -243,7 +252,31 @@ def default_batch() -> str:
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def expand_paths(patterns: Iterable[str], *, base: str | Path | None = None) -> list[Path]:
+def hf_files(folder: Path) -> list[Path]:
+    """The data files of a Hugging Face `datasets` folder, in order: a save_to_disk Dataset
+    (state.json lists its Arrow files), a DatasetDict (dataset_dict.json lists its splits, each
+    such a folder), else hub-layout Parquet shards (e.g. data/train-00000-of-00002.parquet)."""
+    state, splits = folder / "state.json", folder / "dataset_dict.json"
+    try:
+        if state.is_file():
+            files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        elif splits.is_file():
+            files = [f for split in json.loads(splits.read_text())["splits"] for f in hf_files(folder / split)]
+        else:
+            files = sorted(p for p in folder.rglob("*.parquet") if p.is_file())
+    except (ValueError, KeyError, TypeError) as err:
+        raise IngestError(f"{folder} is not a readable `datasets` folder: {err!r} in its state.json / "
+                          "dataset_dict.json") from err
+    if not files:
+        raise IngestError(f"{folder} holds no `datasets` data: no state.json (save_to_disk), no dataset_dict.json "
+                          "and no .parquet shards")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise IngestError(f"{folder}: files its state.json lists are missing: {missing[:3]}")
+    return files
+
+
+def expand_paths(patterns: Iterable[str], *, base: str | Path | None = None, folders: bool = False) -> list[Path]:
     """Files named by paths and glob patterns (`**` recurses), in the order given, each once.
 
     Relative patterns are taken against `base` (default: the working directory). A path that
@@ -263,8 +296,11 @@ def expand_paths(patterns: Iterable[str], *, base: str | Path | None = None) -> 
             matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matches:
                 raise IngestError(f"no file matches {pattern!r} (looked for {p})")
+        elif p.is_dir() and folders:
+            matches = hf_files(p)
         elif p.is_dir():
-            raise IngestError(f"{p} is a folder; name files or a glob such as {p}/*.jsonl")
+            raise IngestError(f"{p} is a folder; name files or a glob such as {p}/*.jsonl (a Hugging Face "
+                              "`datasets` folder: format='hf')")
         else:
             raise IngestError(f"source file not found: {p}")
         for m in matches:
@@ -277,16 +313,23 @@ def expand_paths(patterns: Iterable[str], *, base: str | Path | None = None) -> 
 
 
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".json": "json",
-               ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv", ".tab": "csv"}
+               ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv", ".tab": "csv",
+               ".arrow": "arrow"}
 
 
 def detect_format(path: Path, declared: str = "auto") -> str:
-    """jsonl | json | parquet | csv. A .json file whose first non-blank byte is not '[' is read
-    as JSON lines (many .json files are), so 'json' always means a JSON array here."""
+    """jsonl | json | parquet | csv | arrow. A .json file whose first non-blank byte is not '['
+    is read as JSON lines (many .json files are), so 'json' always means a JSON array here.
+    'hf' (a `datasets` folder's files) is decided per file: .arrow or .parquet."""
+    if declared == "hf":
+        fmt = _EXTENSIONS.get(path.suffix.lower())
+        if fmt not in ("arrow", "parquet"):
+            raise IngestError(f"format='hf' reads `datasets` Arrow files and Parquet shards; {path} is neither")
+        return fmt
     fmt = declared if declared != "auto" else _EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
         raise IngestError(f"cannot tell the format of {path} from its extension; set Source.format "
-                          "to one of jsonl, json, parquet, csv")
+                          "to one of jsonl, json, parquet, csv, arrow, hf")
     if fmt == "json":
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -600,6 +643,116 @@ def _read_parquet(cur: duckdb.DuckDBPyConnection, path: Path, max_record_bytes: 
         raise IngestError(f"cannot read Parquet file {path}: {str(err).splitlines()[0]}") from err
 
 
+def _read_arrow(cur: duckdb.DuckDBPyConnection, path: Path, max_record_bytes: int) -> Iterator[pa.Table]:
+    """An Arrow IPC file (a `datasets` save_to_disk shard is the streaming format; the random-access
+    file format is read too), memory-mapped, rendered to JSON by DuckDB like Parquet."""
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise IngestError(f"cannot read Arrow file {path}: {err}") from err
+    if "file_row_number" in table.column_names:
+        raise IngestError(f"cannot read Arrow file {path}: it has a column named file_row_number, which the reader "
+                          "uses for row numbers")
+    table = table.append_column("file_row_number", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    cur.register("_ingest_arrow", table)
+    try:
+        text, bad = _records_sql(cur, "_ingest_arrow", max_record_bytes)
+        yield from _from_records(cur, f"SELECT file_row_number + 1 AS row_number, {text} AS text, {bad} AS bad "
+                                      f"FROM _ingest_arrow ORDER BY file_row_number", max_record_bytes)
+    except duckdb.Error as err:
+        raise IngestError(f"cannot read Arrow file {path}: {str(err).splitlines()[0]}") from err
+    finally:
+        cur.unregister("_ingest_arrow")
+
+
+# ---------------------------------------------------------------- conversations: messages and prompt/completion
+
+def _json_kind(value) -> str:
+    return {list: "an array", dict: "an object", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _conversation(rec: dict, msgs_key: str, instr_key: str, resp_key: str) -> tuple[dict | None, tuple | None]:
+    """A `messages` record (or TRL's conversational prompt/completion) -> (flat record, None), or
+    (None, (reason, detail)) when it cannot be one, or (None, None) when it is not a conversation."""
+    if isinstance(rec.get(msgs_key), list):
+        turns, where, drop = rec[msgs_key], msgs_key, (msgs_key,)
+    elif isinstance(rec.get("prompt"), list) and isinstance(rec.get("completion"), list):
+        turns, where, drop = rec["prompt"] + rec["completion"], "prompt + completion", ("prompt", "completion")
+    else:
+        return None, None
+    if instr_key in rec or resp_key in rec:
+        return None, ("malformed_messages", f"the record has both {where} and a {instr_key!r}/{resp_key!r} field; "
+                      "a row is a conversation or an instruction, not both")
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict):
+            return None, ("wrong_type", f"{where}[{k}] is {_json_kind(t)}, expected an object {{role, content}}")
+        for key in ("role", "content"):
+            if not isinstance(t.get(key), str):
+                got = "absent" if key not in t else _json_kind(t[key])
+                return None, ("wrong_type", f"{where}[{k}].{key} is {got}, expected a string")
+    last = max((k for k, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        return None, ("missing_response", f"{where} has no assistant turn")
+    if last != len(turns) - 1:
+        return None, ("malformed_messages", f"{where} has {len(turns) - 1 - last} turn(s) after its last assistant "
+                      f"turn ({where}[{last}]); the judged response is the conversation's last turn")
+    if last == 0 or turns[last - 1]["role"] != "user":
+        before = "nothing" if last == 0 else f"a {turns[last - 1]['role']!r} turn"
+        return None, ("missing_instruction", f"{where}[{last}] (the response) follows {before}, not a user turn")
+    prompt = turns[:last]
+    if not turns[last]["content"].strip(ingest_sql.WS):
+        return None, ("missing_response", f"{where}[{last}].content (the response) is blank")
+    if not prompt[-1]["content"].strip(ingest_sql.WS):
+        return None, ("missing_instruction", f"{where}[{last - 1}].content (the user turn) is blank")
+    out = {k: v for k, v in rec.items() if k not in drop}
+    out[instr_key] = templates.conversation_text(prompt)
+    out[resp_key] = turns[last]["content"]
+    context = templates.context_json(prompt)
+    if context is not None:
+        out[ingest_sql.CONTEXT_KEY] = context
+    return out, None
+
+
+def _conversations(chunk: pa.Table, source: dsl.Source, row_numbers: Sequence[int]) -> pa.Table:
+    """Rewrite the chunk's conversation rows (a `messages` list, or TRL's conversational `prompt`
+    and `completion` lists; the validation query names them by `row_numbers`) into flat records:
+    the response is the last (assistant) turn, the instruction the turns before it as text, their
+    turns under ingest_sql.CONTEXT_KEY. A conversation that cannot be a triplet is rejected here,
+    with its reason. The record as read stays in pre_raw, so a reject shows it."""
+    cols = source.columns
+    msgs_key = cols.get("messages", "messages")
+    rows = np.searchsorted(chunk.column("row_number").to_numpy(), np.asarray(row_numbers, np.int64))
+    text = chunk.column("text")
+    instr_key = cols.get("instruction", "instruction")
+    resp_key = cols.get("response", "response")
+    texts = text.to_pylist()
+    reasons = chunk.column("pre_reason").to_pylist()
+    details = chunk.column("pre_detail").to_pylist()
+    raws = chunk.column("pre_raw").to_pylist()
+    for i in rows.tolist():
+        try:
+            rec = json.loads(texts[i])
+        except (ValueError, RecursionError):
+            continue   # the query names it malformed_json
+        if not isinstance(rec, dict):
+            continue
+        flat, bad = _conversation(rec, msgs_key, instr_key, resp_key)
+        if flat is None and bad is None:
+            continue
+        raws[i] = texts[i].rstrip("\r\n")
+        if bad is not None:
+            reasons[i], details[i], texts[i] = bad[0], bad[1], None
+        else:
+            texts[i] = json.dumps(flat, ensure_ascii=False)
+    return pa.table([chunk.column("row_number"), pa.array(texts, pa.large_string()), pa.array(reasons, pa.string()),
+                     pa.array(details, pa.large_string()), pa.array(raws, pa.large_string())], schema=CHUNK_SCHEMA)
+
+
 def csv_delimiter(path: Path, source: dsl.Source) -> str:
     """The declared delimiter, else by extension: tab for .tsv/.tab, a comma otherwise."""
     if source.delimiter:
@@ -759,7 +912,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
         report.skipped, report.earlier = True, earlier
         return report
 
-    check_sql = ingest_sql.validation_sql(source)
+    check_sqls = {False: ingest_sql.validation_sql(source),
+                  True: ingest_sql.validation_sql(source, context=True)}
     cur = con.cursor()    # the reader's scans stream on their own cursor
     con.execute("SET enable_progress_bar = false")   # DuckDB would draw one on a terminal
     cur.execute("SET enable_progress_bar = false")
@@ -771,6 +925,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
         chunks = _read_json_array(cur, path, max_record_bytes)
     elif fmt == "parquet":
         chunks = _read_parquet(cur, path, max_record_bytes)
+    elif fmt == "arrow":
+        chunks = _read_arrow(cur, path, max_record_bytes)
     else:
         chunks = _read_csv(cur, path, source, max_record_bytes)
     previous_limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
@@ -788,7 +944,15 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
             del chunk
             con.register("_ingest_chunk", stream)
             try:
-                con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sql}")
+                con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sqls[False]}")
+                conversations = [r[0] for r in con.sql(
+                    "SELECT row_number FROM _ingest_checked WHERE reason = $r ORDER BY 1",
+                    params={"r": ingest_sql.CONVERSATION}).fetchall()]
+                if conversations:   # rewrite those rows (Python, these rows only) and check again
+                    con.unregister("_ingest_chunk")
+                    stream.table = _conversations(stream.table, source, conversations)
+                    con.register("_ingest_chunk", stream)
+                    con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sqls[True]}")
                 _explain_json_errors(con)
                 seconds["check"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -821,7 +985,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
 def check_sources(sources: Sequence[dsl.Source], *, base: str | Path | None = None) -> list[tuple[dsl.Source, Path]]:
     """The files of the sources with their formats checked, before anything is opened for
     writing: raises IngestError (a missing file, a pattern matching nothing, an unknown format)."""
-    files = [(src, p) for src in sources for p in expand_paths(src.paths, base=base)]
+    files = [(src, p) for src in sources for p in expand_paths(src.paths, base=base, folders=src.format == "hf")]
     for src, p in files:
         detect_format(p, src.format)
     return files

@@ -161,7 +161,10 @@ def materialize_pairs(
                 "(a score column, or a positive and a negative judgment)" if isinstance(objective, DPO)
                 else "ILF-DPO pairs need negatives with a refinement (a 'refined' column or a refiner)")
         raise ValueError(f"no preference pairs from {frame.height} labeled triplets: {hint}; stats {stats}")
-    prompts = {x: templates.render("plain", template, x, tokenizer=tokenizer)
+    # a multi-turn instruction renders with its stored turns (the text names the conversation)
+    contexts = dict(frame.filter(pl.col("context").is_not_null()).select("instruction", "context")
+                    .unique("instruction", keep="first", maintain_order=True).iter_rows())
+    prompts = {x: templates.render("plain", template, x, tokenizer=tokenizer, context=contexts.get(x))
                for x in pairs["instruction"].unique().to_list()}
     pairs = pairs.with_columns(pl.col("instruction").replace_strict(prompts, return_dtype=pl.String).alias("prompt"))
     out = pairs.sort("triplet_id").select(pl.col(c).cast(t) for c, t in PAIR_SCHEMA.items())

@@ -71,13 +71,18 @@ def response_ids(tokenizer: Any, responses: Sequence[str]) -> list[list[int]]:
     return [list(x) + [tokenizer.eos_token_id] for x in encode_texts(tokenizer, responses)]
 
 
-def plain_prompt_ids(tokenizer: Any, instructions: Sequence[str], template: str,
-                     *, max_prompt_tokens: int | None = None) -> list[list[int]]:
+def plain_prompt_ids(tokenizer: Any, instructions: Sequence[Any], template: str,
+                     *, max_prompt_tokens: int | None = None,
+                     contexts: Sequence[Any] | None = None) -> list[list[int]]:
     """The plain prompt x of each instruction (input already appended), as training encodes it:
-    what the model answers at generation and is scored under at evaluation."""
+    what the model answers at generation and is scored under at evaluation. An instruction may
+    be a conversation (a list of {role, content} turns ending with the user's), or its text with
+    the stored turns in `contexts` (templates.render)."""
     from cut_core import templates
 
-    texts = [templates.render("plain", template, x, tokenizer=tokenizer) for x in instructions]
+    contexts = contexts if contexts is not None else [None] * len(instructions)
+    texts = [templates.render("plain", template, x, tokenizer=tokenizer, context=c)
+             for x, c in zip(instructions, contexts)]
     return encode_prompts(tokenizer, texts, max_prompt_tokens=max_prompt_tokens)
 
 

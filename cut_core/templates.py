@@ -18,7 +18,8 @@ Misalign.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, Literal, Sequence, Union
 
 TemplateName = Literal["alpaca", "chat"]
 TEMPLATES: tuple[str, ...] = ("alpaca", "chat")
@@ -113,6 +114,67 @@ def refine_prompt(instruction: str, response: str, judgment: str) -> str:
     return PROMPT_REFINE.format(instruction=instruction, response=response, judgment=judgment)
 
 
+# ---------------------------------------------------------------- multi-turn contexts
+# A conversation's prompt is a list of turns {role, content} ending with the user turn the
+# response answers (cut_core.ingest builds them from `messages` and TRL's prompt/completion
+# rows). The warehouse keeps two forms of it: `instruction`, the conversation as text
+# (conversation_text: what Alpaca templates, judges and dedupe read), and `context`, the turns
+# as canonical JSON (context_json: what the chat template renders). A conversation of one user
+# turn and nothing else is a flat instruction: its context is None.
+
+Turn = dict
+Prompt = Union[str, Sequence[Turn]]   # an instruction, or a conversation's prompt turns
+ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def conversation_text(turns: Sequence[Turn]) -> str:
+    """Prompt turns as Alpaca-style text: each turn as 'Role: content', separated by a blank line
+    (a single user turn is its content alone)."""
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return turns[0]["content"]
+    return "\n\n".join(f"{ROLE_LABELS.get(t['role'], str(t['role']).capitalize())}: {t['content']}" for t in turns)
+
+
+def context_json(turns: Sequence[Turn]) -> str | None:
+    """The stored form of prompt turns (role and content only, compact, key order fixed), or None
+    for a single user turn (a flat instruction)."""
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return None
+    return json.dumps([{"role": t["role"], "content": t["content"]} for t in turns],
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def check_turns(turns: Any) -> list[Turn]:
+    """Prompt turns as given to generation or evaluation: a non-empty list of {role, content}
+    strings whose last turn is the user's. Raises ValueError naming what is wrong."""
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise ValueError("a conversation prompt is a non-empty list of {role, content} turns")
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("role"), str) or not isinstance(t.get("content"), str):
+            raise ValueError(f"turn {k} of a conversation prompt is not {{role: str, content: str}}: {t!r:.120}")
+    if turns[-1]["role"] != "user":
+        raise ValueError(f"a conversation prompt ends with the user turn the response answers; "
+                         f"its last turn is {turns[-1]['role']!r}")
+    return [dict(role=t["role"], content=t["content"]) for t in turns]
+
+
+def split_prompt(prompt: Prompt, context: str | Sequence[Turn] | None = None) -> tuple[str, list[Turn] | None]:
+    """(instruction text, prompt turns or None) of an instruction string or a list of turns; a
+    stored `context` (JSON text or turns) gives the turns of an instruction that has them."""
+    if isinstance(prompt, str):
+        if context is None:
+            return prompt, None
+        turns = check_turns(json.loads(context) if isinstance(context, str) else context)
+        return prompt, turns
+    turns = check_turns(prompt)
+    return conversation_text(turns), (turns if context_json(turns) is not None else None)
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The instruction text of a prompt (what judges and Alpaca templates read)."""
+    return split_prompt(prompt)[0]
+
+
 # ---------------------------------------------------------------- chat variant
 # One user turn; the assistant turn is opened by `add_generation_prompt=True` and the response
 # ids are appended by contrast.py. The judgment gets its own block so that the plain (Misalign)
@@ -136,8 +198,9 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_prompt(tokenizer: Any, user: str) -> str:
-    """Render one user turn with the tokenizer's chat template, assistant turn opened.
+def chat_prompt(tokenizer: Any, user: str, earlier: Sequence[Turn] = ()) -> str:
+    """Render one user turn (after the `earlier` turns of a conversation, if any) with the
+    tokenizer's chat template, assistant turn opened.
 
     Returned as text (transformers 5's `apply_chat_template(tokenize=True)` returns a dict);
     the text usually contains the BOS token already, so encode it without special tokens.
@@ -147,7 +210,7 @@ def chat_prompt(tokenizer: Any, user: str) -> str:
             "template='chat' needs a tokenizer with a chat template; this one has none "
             "(use template='alpaca', or set tokenizer.chat_template)")
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        [*earlier, {"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
 
 
 def chat_plain_prompt(tokenizer: Any, instruction: str) -> str:
@@ -163,13 +226,24 @@ def chat_judge_prompt(tokenizer: Any, instruction: str, judgment: str) -> str:
 def render(
     kind: Literal["plain", "judge", "forward", "refine"],
     template: str,
-    instruction: str,
+    instruction: Prompt,
     *,
     judgment: str | None = None,
     response: str | None = None,
     tokenizer: Any = None,
+    context: str | Sequence[Turn] | None = None,
 ) -> str:
-    """The prompt text of `kind` in `template` ('alpaca' or 'chat'; 'chat' needs the tokenizer)."""
+    """The prompt text of `kind` in `template` ('alpaca' or 'chat'; 'chat' needs the tokenizer).
+
+    A multi-turn prompt (`instruction` as a list of turns, or its text with the stored `context`
+    turns): 'alpaca' renders its text (conversation_text) as the instruction; 'chat' renders the
+    earlier turns as turns and puts this kind's user text (the judgment block for 'judge') in the
+    last user turn, exactly where a single-turn prompt has it.
+    """
+    instruction, turns = split_prompt(instruction, context)
+    earlier: Sequence[Turn] = ()
+    if turns is not None and template == "chat":
+        earlier, instruction = turns[:-1], turns[-1]["content"]
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
     needs = {"plain": (), "judge": ("judgment",), "forward": ("response",), "refine": ("response", "judgment")}
@@ -188,10 +262,10 @@ def render(
             return forward_prompt(instruction, response)  # type: ignore[arg-type]
         return refine_prompt(instruction, response, judgment)  # type: ignore[arg-type]
     if kind == "plain":
-        return chat_plain_prompt(tokenizer, instruction)
+        return chat_prompt(tokenizer, instruction, earlier)
     if kind == "judge":
-        return chat_judge_prompt(tokenizer, instruction, judgment)  # type: ignore[arg-type]
+        return chat_prompt(tokenizer, CHAT_JUDGE_USER.format(instruction=instruction, judgment=judgment), earlier)
     if kind == "forward":
-        return chat_prompt(tokenizer, CHAT_FORWARD_USER.format(instruction=instruction, response=response))
+        return chat_prompt(tokenizer, CHAT_FORWARD_USER.format(instruction=instruction, response=response), earlier)
     return chat_prompt(tokenizer, CHAT_REFINE_USER.format(
-        instruction=instruction, response=response, judgment=judgment))
+        instruction=instruction, response=response, judgment=judgment), earlier)

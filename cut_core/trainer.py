@@ -42,25 +42,6 @@ KINDS = ("align_p", "align_n", "misalign", "mle")
 COMPLETE = "COMPLETE"
 
 
-def _ignore_shadowing_datasets_folder() -> None:
-    """A folder named `datasets/` on sys.path (this repo has one; `python -m` and pytest put the
-    repo root on sys.path) is a namespace package that transformers' availability check takes
-    for the HF `datasets` library; the Trainer then fails on `datasets.Dataset`. A namespace
-    package has no origin: tell Trainer and accelerate the library is absent."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("datasets")
-    if spec is not None and spec.origin is None:
-        import accelerate.data_loader
-        import transformers.trainer
-
-        transformers.trainer.is_datasets_available = lambda: False
-        accelerate.data_loader.is_datasets_available = lambda: False
-
-
-_ignore_shadowing_datasets_folder()
-
-
 # ---------------------------------------------------------------- records
 
 @dataclass

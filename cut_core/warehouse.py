@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS triplets (
     -- ~2.4 s per 1M rows; writers check for the id before they insert (ingest with hash joins,
     -- tasks/label.py with NOT IN). Files created with the key keep it and work the same.
     id            VARCHAR NOT NULL,
-    instruction   VARCHAR NOT NULL,         -- with a non-empty `input` appended after a newline
+    instruction   VARCHAR NOT NULL,         -- with a non-empty `input` appended after a newline; a
+                                            -- multi-turn prompt as text (templates.conversation_text)
     response      VARCHAR NOT NULL,
     judgment      VARCHAR,                  -- NULL for positives without text and for unlabeled rows
     polarity      VARCHAR,                  -- 'positive' | 'negative' | NULL (unlabeled, awaits the judge)
@@ -48,7 +49,12 @@ CREATE TABLE IF NOT EXISTS triplets (
     source        VARCHAR NOT NULL,
     row_number    BIGINT NOT NULL,
     ingested_at   TIMESTAMP DEFAULT current_timestamp,
-    file_digest   VARCHAR                   -- ingested_files.digest of the file the row came from
+    file_digest   VARCHAR,                  -- ingested_files.digest of the file the row came from
+    context       VARCHAR,                  -- a multi-turn prompt's turns as JSON [{role, content}, ...]
+                                            -- ending with the user turn (templates.context_json);
+                                            -- NULL for a flat instruction. Part of the id when set.
+    element       INTEGER                   -- 0-based index in the exploded array of row_number
+                                            -- (a column map with [*]); NULL when the row was not exploded
 );
 CREATE TABLE IF NOT EXISTS rejects (
     source        VARCHAR NOT NULL,
@@ -57,7 +63,8 @@ CREATE TABLE IF NOT EXISTS rejects (
     reason        VARCHAR NOT NULL,
     detail        VARCHAR,
     batch         VARCHAR NOT NULL,
-    rejected_at   TIMESTAMP DEFAULT current_timestamp
+    rejected_at   TIMESTAMP DEFAULT current_timestamp,
+    element       INTEGER                   -- as triplets.element: the array element of row_number
 );
 CREATE TABLE IF NOT EXISTS ingested_files (
     digest        VARCHAR PRIMARY KEY,      -- sha256 of the file bytes + the source settings
@@ -106,6 +113,9 @@ CREATE TABLE IF NOT EXISTS round_triplets (
     version       INTEGER,                  -- the registered version trained on it; NULL until then
     PRIMARY KEY (round, triplet_id)
 );
+ALTER TABLE triplets ADD COLUMN IF NOT EXISTS context VARCHAR;
+ALTER TABLE triplets ADD COLUMN IF NOT EXISTS element INTEGER;
+ALTER TABLE rejects ADD COLUMN IF NOT EXISTS element INTEGER;
 """
 # Rows ingested before triplets.file_digest existed get it from ingested_files (the file's path
 # and batch name it); run once per open, it touches only rows still without a digest.
@@ -130,6 +140,23 @@ def content_key(*parts: str | None) -> str:
         h.update(b"\x00" if p is None else b"\x01" + p.encode("utf-8"))
         h.update(b"\x1f")
     return h.hexdigest()
+
+
+def triplet_id(instruction: str, response: str, judgment: str | None, context: str | None = None) -> str:
+    """A triplet's id: content_key(instruction, response, judgment), with the multi-turn prompt's
+    stored turns (`context`, templates.context_json) as a fourth part only when there are any,
+    so every flat triplet keeps the id it always had."""
+    if context is None:
+        return content_key(instruction, response, judgment)
+    return content_key(instruction, response, judgment, context)
+
+
+def triplet_id_sql(instruction: str, response: str, judgment: str, context: str | None = None) -> str:
+    """DuckDB expression equal to triplet_id of these SQL expressions' values."""
+    flat = content_key_sql(instruction, response, judgment)
+    if context is None:
+        return flat
+    return f"CASE WHEN {context} IS NULL THEN {flat} ELSE {content_key_sql(instruction, response, judgment, context)} END"
 
 
 def content_key_sql(*parts: str) -> str:
@@ -191,8 +218,9 @@ def _registered(con: duckdb.DuckDBPyConnection, name: str, table):
 
 # ---------------------------------------------------------------- triplets: the one insert path
 
-# `checked` is a table with one row per input row: row_number, reason (NULL: a good row),
-# detail, raw, id, instruction, response, judgment, polarity, refined, score, contradiction
+# `checked` is a table with one row per unit: unit (unique in the table), row_number, element
+# (the array element of an exploded row, else NULL), reason (NULL: a good row), detail, raw, id,
+# instruction, context, response, judgment, polarity, refined, score, contradiction
 # (cut_core.ingest_sql.validation_sql builds it from files, triplets_from_judged from judged
 # generations). Duplicates of a good row: a triplet already stored (an earlier file, batch or
 # chunk of this file, all visible inside the caller's transaction), else an earlier good row of
@@ -201,48 +229,50 @@ def _registered(con: duckdb.DuckDBPyConnection, name: str, table):
 # file (connect) means nothing can slip in between the lookup and the insert.
 _DUPS_SQL = """
 CREATE OR REPLACE TEMP TABLE _wh_dups AS
-WITH good AS (SELECT row_number, id FROM {checked} WHERE reason IS NULL),
+WITH good AS (SELECT unit, row_number, element, id FROM {checked} WHERE reason IS NULL),
 stored AS (
     -- without a unique constraint another writer may have stored an id twice: name the first
-    SELECT t.id, min({{'source': t.source, 'row_number': t.row_number}}) AS first
+    SELECT t.id, min({{'source': t.source, 'row_number': t.row_number, 'element': t.element}}) AS first
     FROM triplets t SEMI JOIN good g ON t.id = g.id
     GROUP BY t.id
 ),
-repeats AS (SELECT id, min(row_number) AS first_row FROM good GROUP BY id HAVING count(*) > 1)
-SELECT g.row_number, g.id, s.first.source AS first_source, s.first.row_number AS first_row
+repeats AS (SELECT id, min(unit) AS first_unit FROM good GROUP BY id HAVING count(*) > 1)
+SELECT g.unit, g.id, s.first.source AS first_source, s.first.row_number AS first_row,
+       s.first.element AS first_element
 FROM good g JOIN stored s ON g.id = s.id
 UNION ALL
-SELECT g.row_number, g.id, $source, r.first_row
-FROM good g JOIN repeats r ON g.id = r.id
-WHERE g.row_number <> r.first_row AND g.id NOT IN (SELECT id FROM stored)
+SELECT g.unit, g.id, $source, f.row_number, f.element
+FROM good g JOIN repeats r ON g.id = r.id JOIN good f ON f.unit = r.first_unit
+WHERE g.unit <> r.first_unit AND g.id NOT IN (SELECT id FROM stored)
 """
 
 _COUNT_SQL = """
-SELECT CASE WHEN d.row_number IS NOT NULL THEN 'duplicate' ELSE c.reason END AS reason,
+SELECT CASE WHEN d.unit IS NOT NULL THEN 'duplicate' ELSE c.reason END AS reason,
        c.polarity, c.contradiction, count(*) AS n
-FROM {checked} c LEFT JOIN _wh_dups d ON c.row_number = d.row_number
+FROM {checked} c LEFT JOIN _wh_dups d ON c.unit = d.unit
 GROUP BY ALL
 """
 
 _INSERT_TRIPLETS_SQL = """
 INSERT INTO triplets (id, instruction, response, judgment, polarity, refined, score, contradiction, batch, source,
-                      row_number, file_digest)
+                      row_number, file_digest, context, element)
 SELECT id, instruction, response, judgment, polarity, refined, score, contradiction, $batch, $source, row_number,
-       $digest
-FROM {checked} c ANTI JOIN _wh_dups d USING (row_number)
+       $digest, context, element
+FROM {checked} c ANTI JOIN _wh_dups d USING (unit)
 WHERE c.reason IS NULL
 """
 
 _INSERT_REJECTS_SQL = """
-INSERT INTO rejects (source, row_number, raw, reason, detail, batch)
-SELECT $source, row_number, raw, reason, detail, $batch FROM (
-    SELECT row_number, raw, reason, detail FROM {checked}
+INSERT INTO rejects (source, row_number, element, raw, reason, detail, batch)
+SELECT $source, row_number, element, raw, reason, detail, $batch FROM (
+    SELECT row_number, element, raw, reason, detail FROM {checked}
     WHERE reason IS NOT NULL AND reason <> 'blank'
     UNION ALL
-    SELECT d.row_number, {dup_raw}, 'duplicate',
+    SELECT c.row_number, c.element, {dup_raw}, 'duplicate',
            'same triplet (id ' || left(d.id, 12) || ') as ' || d.first_source || ' row ' || d.first_row
-    FROM _wh_dups d JOIN {checked} c USING (row_number) {lines_join}
-) ORDER BY row_number
+           || COALESCE(' element ' || d.first_element, '')
+    FROM _wh_dups d JOIN {checked} c USING (unit) {lines_join}
+) ORDER BY row_number, element
 """
 
 
@@ -259,7 +289,9 @@ def add_checked(con: duckdb.DuckDBPyConnection, checked: str, *, source: str, ba
     """
     dup_raw, lines_join = "c.raw", ""
     if lines is not None:
-        dup_raw, lines_join = "COALESCE(c.raw, rtrim(l.text, chr(13) || chr(10)))", f"LEFT JOIN {lines} l USING (row_number)"
+        # pre_raw: the record as read when the reader rewrote it (a `messages` row)
+        dup_raw = "COALESCE(c.raw, l.pre_raw, rtrim(l.text, chr(13) || chr(10)))"
+        lines_join = f"LEFT JOIN {lines} l ON l.row_number = c.row_number"
     params = {"source": source}
     con.execute(_DUPS_SQL.format(checked=checked), params)
     try:
@@ -291,7 +323,8 @@ def _add_judged(con: duckdb.DuckDBPyConnection, judged, *, source: str, batch: s
     with _registered(con, "_wh_judged", judged):
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _wh_checked AS
-            SELECT prompt_index AS row_number, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail,
+            SELECT prompt_index AS unit, prompt_index AS row_number, NULL::INTEGER AS element,
+                   NULL::VARCHAR AS reason, NULL::VARCHAR AS detail, NULL::VARCHAR AS context,
                    to_json({{'instruction': instruction, 'response': response, 'judgment': judgment}})::VARCHAR AS raw,
                    {content_key_sql("instruction", "response", "judgment")} AS id,
                    instruction, response, judgment, polarity, NULL::VARCHAR AS refined, NULL::DOUBLE AS score,
@@ -325,7 +358,7 @@ def record_ingested_file(con: duckdb.DuckDBPyConnection, *, digest: str, path: s
 # ---------------------------------------------------------------- reading triplets
 
 _TRIPLETS_SQL = """
-SELECT id, instruction, response, judgment, polarity, refined, score
+SELECT id, instruction, response, judgment, polarity, refined, score, context
 FROM triplets
 WHERE polarity IS NOT NULL {filters}
 ORDER BY id

@@ -194,7 +194,8 @@ def cmd_ingest(args) -> int:
     from cut_core.ingest import IngestError, RejectRateExceeded, check_sources
     from cut_core.warehouse import WarehouseBusy
     try:
-        check_sources([Source(paths=list(args.paths), columns=parse_map(args.map), delimiter=args.delimiter)])
+        check_sources([Source(paths=list(args.paths), columns=parse_map(args.map), delimiter=args.delimiter,
+                              format=args.format)])
     except IngestError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -209,7 +210,7 @@ def cmd_ingest(args) -> int:
     try:
         report = run_ingest(args.paths, args.warehouse, parse_map(args.map), args.max_reject_rate,
                             use_prefect=not args.no_prefect, max_record_bytes=args.max_record_bytes,
-                            delimiter=args.delimiter)
+                            delimiter=args.delimiter, format=args.format, score_threshold=args.score_threshold)
         status = 0
     except RejectRateExceeded as err:
         report, status = err.report, 2
@@ -268,10 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ingest", help="ingest and validate triplet files into a DuckDB warehouse")
-    p.add_argument("paths", nargs="+", help="files or globs (JSONL, JSON array, Parquet, CSV)")
+    p.add_argument("paths", nargs="+", help="files or globs (JSONL, JSON array, Parquet, CSV, Arrow); with "
+                   "--format hf also `datasets` folders (save_to_disk, or hub-layout Parquet shards)")
     p.add_argument("--warehouse", default="work/warehouse.duckdb", help="DuckDB file (created if missing)")
     p.add_argument("--map", action="append", default=[], metavar="NAME=COLUMN",
-                   help="map a canonical column to the file's column, e.g. --map instruction=question")
+                   help="map a canonical column to the file's column, e.g. --map instruction=question; COLUMN may "
+                   "be a path into nested JSON: keys joined by '.', key[N] for element N, key[*] for every element "
+                   "(one triplet per element), e.g. --map response='completions[*].response'")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "json", "parquet", "csv", "arrow", "hf"],
+                   help="file format (default: by extension); hf: Hugging Face `datasets` folders")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="rows whose `score` column (--map score=...) is at least this are positive")
     p.add_argument("--max-reject-rate", type=float, default=0.10, help="fail above this rejected fraction")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     p.add_argument("--no-prefect", action="store_true", help="run the library directly, without a Prefect flow run")

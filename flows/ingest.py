@@ -24,7 +24,7 @@ import sys
 from prefect import flow, get_run_logger
 
 from cut_core import warehouse as wh
-from cut_core.dsl import DEFAULT_MAX_RECORD_BYTES, Source
+from cut_core.dsl import DEFAULT_MAX_RECORD_BYTES, Polarity, Source
 from cut_core.ingest import IngestReport, check_reject_rate, check_sources, default_batch, ingest_sources
 from tasks.ingest import ingest_source, publish_ingest_report
 
@@ -66,11 +66,15 @@ def ingest_flow(sources: list[dict], warehouse: str, max_reject_rate: float = 0.
 
 def run_ingest(paths: list[str], warehouse: str, column_map: dict[str, str] | None = None,
                max_reject_rate: float = 0.10, use_prefect: bool = True, max_record_bytes: int | None = None,
-               delimiter: str | None = None) -> dict:
+               delimiter: str | None = None, format: str = "auto", score_threshold: float | None = None) -> dict:
     """Ingest files or globs with one column mapping: what `cut-align ingest` calls.
 
     column_map: canonical name -> the file's column, e.g. {"instruction": "question",
         "response": "answer", "judgment": "feedback"}; `output` is read as the response anyway.
+        A column may be a path into nested JSON ("meta.text", "turns[0].text", or
+        "completions[*].response": one triplet per element of `completions`).
+    format: Source.format ('hf' reads `datasets` folders). score_threshold: rows whose `score`
+        column (map it with column_map) is at least this are positive (Polarity.score_column).
     use_prefect: True runs `ingest_flow` (a Prefect flow run with its artifact); False runs the
         same library code directly, with no Prefect server (for scripts and notebooks).
     Returns the report dict of `ingest_flow`. Raises `cut_core.ingest.RejectRateExceeded`
@@ -78,7 +82,10 @@ def run_ingest(paths: list[str], warehouse: str, column_map: dict[str, str] | No
     when a path matches no file or a file cannot be read, and `WarehouseBusy` when another
     process keeps the warehouse open for writing.
     """
-    source = Source(paths=list(paths), columns=dict(column_map or {}), delimiter=delimiter)
+    polarity = Polarity(score_column="score", score_threshold=score_threshold) if score_threshold is not None \
+        else Polarity()
+    source = Source(paths=list(paths), columns=dict(column_map or {}), delimiter=delimiter, format=format,
+                    polarity=polarity)
     max_record_bytes = max_record_bytes or DEFAULT_MAX_RECORD_BYTES
     check_sources([source])      # a missing file fails here, before any flow run or server starts
     if use_prefect:

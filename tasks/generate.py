@@ -12,12 +12,16 @@ import polars as pl
 from prefect import task
 from prefect.logging import get_run_logger
 
+from cut_core import templates
 from cut_core import warehouse as wh
 from cut_core.generate import generate, load_model
 
 
 def read_prompts(path: str) -> pl.DataFrame:
-    """Prompt files are JSONL/JSON/Parquet/CSV with an `instruction` column (and optional `input`)."""
+    """Prompt files are JSONL/JSON/Parquet/CSV with an `instruction` column (and optional `input`),
+    or a `messages` column of prompt turns ({role, content}, ending with the user turn to answer):
+    `instruction` is then the conversation as text (templates.conversation_text) and `messages`
+    stays for evaluation, which renders the turns."""
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         frame = pl.read_ndjson(path)
@@ -29,8 +33,17 @@ def read_prompts(path: str) -> pl.DataFrame:
         frame = pl.read_csv(path)
     else:
         raise ValueError(f"{path}: unsupported prompt file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
+    if "instruction" not in frame.columns and "messages" in frame.columns:
+        turns = []
+        for k, m in enumerate(frame["messages"].to_list()):
+            try:
+                turns.append(templates.check_turns(m))
+            except ValueError as err:
+                raise ValueError(f"{path}: row {k + 1}: {err}") from None
+        frame = frame.with_columns(pl.Series("instruction", [templates.conversation_text(t) for t in turns],
+                                             dtype=pl.String))
     if "instruction" not in frame.columns:
-        raise ValueError(f"{path}: prompt files need an 'instruction' column (found {frame.columns})")
+        raise ValueError(f"{path}: prompt files need an 'instruction' (or 'messages') column (found {frame.columns})")
     if "input" in frame.columns:
         frame = frame.with_columns(
             pl.when(pl.col("input").fill_null("").str.strip_chars() != "")
@@ -48,6 +61,9 @@ def sample_prompts(prompts_path: str, warehouse: str, pipeline_name: str, n: int
     (pipeline `name-v2` or `name_x` never shares what `name` used).
     """
     frame = read_prompts(prompts_path).with_row_index("prompt_index")
+    if "messages" in frame.columns:
+        raise ValueError(f"{prompts_path}: online prompts are instructions; multi-turn `messages` prompts are read "
+                         "for evaluation (heldout) only, not yet generated for online: use an 'instruction' column")
     con = wh.connect(warehouse)
     try:
         used = wh.used_instructions(con, pipeline_name)
