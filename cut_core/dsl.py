@@ -118,7 +118,7 @@ class Source(Section):
 
     @model_validator(mode="after")
     def _known_columns(self) -> "Source":
-        from cut_core.ingest_sql import explode_array, is_path, parse_path
+        from cut_core.ingest.sql import explode_array, is_path, parse_path
 
         allowed = set(CANONICAL_COLUMNS) | {"refined", "score", "id", "messages"}
         unknown = sorted(set(self.columns) - allowed)

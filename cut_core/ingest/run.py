@@ -73,10 +73,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cut_core import dsl, ingest_sql, templates
+from cut_core import dsl, templates
 from cut_core import warehouse as wh
-from cut_core.ingest_sql import ident as _ident
-from cut_core.ingest_sql import lit as _lit
+from cut_core.ingest import sql as ingest_sql
+from cut_core.ingest.sql import ident as _ident
+from cut_core.ingest.sql import lit as _lit
 
 REASONS = {
     "invalid_utf8": "the line is not valid UTF-8",
