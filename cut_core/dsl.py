@@ -133,7 +133,7 @@ class Source(Section):
         return self
 
 
-# The default of Ingestion.max_record_bytes (cut_core.ingest reads it from here).
+# The default of Ingestion.max_record_bytes (cut_core.ingest.sources reads it from here).
 DEFAULT_MAX_RECORD_BYTES = 8 << 20
 
 

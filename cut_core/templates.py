@@ -116,8 +116,8 @@ def refine_prompt(instruction: str, response: str, judgment: str) -> str:
 
 # ---------------------------------------------------------------- multi-turn contexts
 # A conversation's prompt is a list of turns {role, content} ending with the user turn the
-# response answers (cut_core.ingest builds them from `messages` and TRL's prompt/completion
-# rows). The warehouse keeps two forms of it: `instruction`, the conversation as text
+# response answers (cut_core.ingest.conversations builds them from `messages` and TRL's
+# prompt/completion rows). The warehouse keeps two forms of it: `instruction`, the conversation as text
 # (conversation_text: what Alpaca templates, judges and dedupe read), and `context`, the turns
 # as canonical JSON (context_json: what the chat template renders). A conversation of one user
 # turn and nothing else is a flat instruction: its context is None.

@@ -221,7 +221,7 @@ def _registered(con: duckdb.DuckDBPyConnection, name: str, table):
 # `checked` is a table with one row per unit: unit (unique in the table), row_number, element
 # (the array element of an exploded row, else NULL), reason (NULL: a good row), detail, raw, id,
 # instruction, context, response, judgment, polarity, refined, score, contradiction
-# (cut_core.ingest_sql.validation_sql builds it from files, triplets_from_judged from judged
+# (cut_core.ingest.sql.validation_sql builds it from files, triplets_from_judged from judged
 # generations). Duplicates of a good row: a triplet already stored (an earlier file, batch or
 # chunk of this file, all visible inside the caller's transaction), else an earlier good row of
 # this table. triplets.id has no index (maintaining one on random 64-character keys cost as much

@@ -191,7 +191,8 @@ def cmd_ingest(args) -> int:
     from pydantic import ValidationError
 
     from cut_core.dsl import Source
-    from cut_core.ingest import IngestError, RejectRateExceeded, check_sources
+    from cut_core.ingest.report import IngestError, RejectRateExceeded
+    from cut_core.ingest.sources import check_sources
     from cut_core.warehouse import WarehouseBusy
     try:
         check_sources([Source(paths=list(args.paths), columns=parse_map(args.map), delimiter=args.delimiter,

@@ -25,7 +25,9 @@ from prefect import flow, get_run_logger
 
 from cut_core import warehouse as wh
 from cut_core.dsl import DEFAULT_MAX_RECORD_BYTES, Polarity, Source
-from cut_core.ingest import IngestReport, check_reject_rate, check_sources, default_batch, ingest_sources
+from cut_core.ingest.report import IngestReport, check_reject_rate, default_batch
+from cut_core.ingest.run import ingest_sources
+from cut_core.ingest.sources import check_sources
 from tasks.ingest import ingest_source, publish_ingest_report
 
 

@@ -17,7 +17,8 @@ from prefect.artifacts import create_table_artifact
 
 from cut_core import warehouse as wh
 from cut_core.dsl import DEFAULT_MAX_RECORD_BYTES, Source
-from cut_core.ingest import REASONS, IngestReport, check_reject_rate, ingest_sources
+from cut_core.ingest.report import REASONS, IngestReport, check_reject_rate
+from cut_core.ingest.run import ingest_sources
 from tasks.logs import task_logger
 
 

@@ -207,8 +207,8 @@ def test_duplicate_of_an_id_stored_twice_is_one_reject(con, tmp_path):
 
 def test_skipping_a_large_file_stops_its_validation(con, tmp_path, monkeypatch):
     """The worker starts validating while the file is hashed; a file already ingested stops it."""
-    from cut_core import ingest
-    monkeypatch.setattr(ingest, "CHUNK_BYTES", 1 << 16)
+    from cut_core.ingest import jsonl
+    monkeypatch.setattr(jsonl, "CHUNK_BYTES", 1 << 16)
     path = write_jsonl(tmp_path / "big.jsonl", [{"instruction": f"q{i}", "output": "a" * 200} for i in range(5000)])
     assert ingest_files(con, Source(paths=[str(path)]), batch="b1").accepted == 5000
     again = ingest_files(con, Source(paths=[str(path)]), batch="b2")

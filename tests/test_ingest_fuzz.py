@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cut_core import ingest
+from cut_core.ingest import jsonl
 from cut_core import warehouse as wh
 from cut_core.dsl import Polarity, Source
 
@@ -143,7 +144,7 @@ def make_corpus(seed: int, lines: int, quarantine: bool):
 
 
 @pytest.mark.parametrize("seed, chunk_bytes, quarantine", [
-    (1, ingest.CHUNK_BYTES, False),
+    (1, jsonl.CHUNK_BYTES, False),
     (2, 16384, False),
     (3, 8192, True),
     (4, 4096, True),
@@ -152,7 +153,7 @@ def test_fuzzed_corpus_every_line_accounted_for(tmp_path, monkeypatch, seed, chu
     data, expected = make_corpus(seed, lines=2000, quarantine=quarantine)
     path = tmp_path / "corpus.jsonl"
     path.write_bytes(data)
-    monkeypatch.setattr(ingest, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(jsonl, "CHUNK_BYTES", chunk_bytes)
     con = wh.connect(tmp_path / "wh.duckdb")
     report = ingest.ingest_files(con, Source(paths=[str(path)], polarity=Polarity(quarantine_contradictions=quarantine)),
                                  batch="fuzz")
@@ -222,7 +223,7 @@ def wide_corpus(rng: random.Random, codec: str, lines: int):
 @pytest.mark.parametrize("seed", [11, 12, 13, 14])
 def test_second_corpus_encodings_binary_sizes_and_literal_names(tmp_path, monkeypatch, seed):
     rng = random.Random(seed)
-    monkeypatch.setattr(ingest, "CHUNK_BYTES", rng.choice([8192, 65536, ingest.CHUNK_BYTES]))
+    monkeypatch.setattr(jsonl, "CHUNK_BYTES", rng.choice([8192, 65536, jsonl.CHUNK_BYTES]))
     codec = list(WIDE)[seed % len(WIDE)]
     data, expected_wide = wide_corpus(rng, codec, 600)
     wide_path = tmp_path / f"wide[{seed}].jsonl"          # a literal name with glob characters

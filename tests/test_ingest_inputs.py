@@ -158,7 +158,8 @@ import resource, sys
 sys.path.insert(0, {root!r})
 from cut_core import ingest, warehouse
 from cut_core.dsl import Source
-ingest.CHUNK_BYTES = 1 << 20
+from cut_core.ingest import jsonl
+jsonl.CHUNK_BYTES = 1 << 20
 con = warehouse.connect({db!r})
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 report = ingest.ingest_files(con, Source(paths=[{path!r}]), batch="m", max_record_bytes=1 << 20)

@@ -1,4 +1,4 @@
-"""The validation query of cut_core.ingest: one chunk of records in, one checked row per record out.
+"""The validation query of cut_core.ingest (run.py): one chunk of records in, one checked row per record out.
 
 `validation_sql(source)` checks one chunk `_ingest_chunk(row_number BIGINT, text VARCHAR,
 pre_reason VARCHAR, pre_detail VARCHAR, pre_raw VARCHAR)`: `text` is one record as JSON;
@@ -50,7 +50,7 @@ def _pointer(key: str) -> str:
 # followed by [N] (element N, 0-based) or [*] (every element: the row is exploded, one unit per
 # element). e.g. "completions[*].response", "meta.source", "turns[0].text".
 _SEGMENT = re.compile(r"([^.\[\]]+)((?:\[(?:\*|\d+)\])*)")
-# Where a messages row's stored turns travel from the reader to this query (cut_core.ingest).
+# Where a messages row's stored turns travel from the reader to this query (ingest.conversations).
 CONTEXT_KEY = "__cut_context__"
 # The reason validation_sql(context=False) gives a conversation row: the reader rewrites it and
 # checks it again; it never reaches the warehouse.
@@ -105,7 +105,7 @@ def validation_sql(source: dsl.Source, *, context: bool = False) -> str:
     """The query that checks `_ingest_chunk(row_number, text)`; see the module docstring.
 
     context=False: a conversation row (a `messages` array, or `prompt` and `completion` arrays)
-    gets the reason CONVERSATION; the reader rewrites those rows (cut_core.ingest) and checks the
+    gets the reason CONVERSATION; the reader rewrites those rows (ingest.conversations) and checks the
     chunk again with context=True, which reads their stored turns (CONTEXT_KEY) into `context`,
     where it enters the id (warehouse.triplet_id_sql).
 
