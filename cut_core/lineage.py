@@ -12,6 +12,12 @@ Fields (all paths absolute):
   base_digest  cut_core.weights.weights_digest(base_model) when the adapter was trained
   adapter      the PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
   base_ref     optional: the registry reference of the base (e.g. "models:/NAME/3"), else None
+  adapter_digest  optional: adapter_digest(adapter) when the folder was written
+  merged_digest   optional: weights_digest of the merged folder itself when it was written
+
+Every LoRA version is "declared base + ONE adapter": the next iteration (or a round starting
+from a champion) continues this adapter on the same base (train_cli's `init_adapter`), so a
+lineage never chains; `base_model` is a full model (the declared base, or a full-weight version).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class Lineage:
     base_digest: str
     adapter: str
     base_ref: str | None = None
+    adapter_digest: str | None = None
+    merged_digest: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -41,7 +49,8 @@ def read_lineage(model_dir: str | Path) -> Lineage | None:
         return None
     data = json.loads(path.read_text())
     return Lineage(base_model=data["base_model"], base_digest=data["base_digest"], adapter=data["adapter"],
-                   base_ref=data.get("base_ref"))
+                   base_ref=data.get("base_ref"), adapter_digest=data.get("adapter_digest"),
+                   merged_digest=data.get("merged_digest"))
 
 
 def write_lineage(model_dir: str | Path, lineage: Lineage) -> None:
