@@ -58,3 +58,26 @@ def write_lineage(model_dir: str | Path, lineage: Lineage) -> None:
     from cut_core.files import write_text_atomic
 
     write_text_atomic(Path(model_dir) / FILE, lineage.to_json() + "\n")
+
+
+def merge_adapter(base_model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str | None = None,
+                  base_ref: str | None = None) -> Lineage:
+    """Write base + adapter, merged, into the empty folder `out` (weights, config, the adapter
+    folder's tokenizer, and its lineage); returns the lineage written. `dtype` (e.g. "float32",
+    the dtype the training run's merged folder had) is the dtype the base is loaded and saved in."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cut_core.weights import adapter_digest, weights_digest
+
+    torch_dtype = getattr(torch, dtype) if dtype else "auto"
+    base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch_dtype, use_safetensors=True)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(out))
+    lineage = Lineage(base_model=str(Path(base_model).resolve()), base_digest=weights_digest(base_model),
+                      adapter=str(Path(adapter).resolve()), base_ref=base_ref, adapter_digest=adapter_digest(adapter),
+                      merged_digest=weights_digest(out))
+    write_lineage(out, lineage)
+    return lineage
