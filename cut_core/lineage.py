@@ -27,6 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 FILE = "cut_align_lineage.json"
+# In a LoRA run's adapter folder: the merged folder's config.json as training wrote it, so a merge
+# rebuilt from base + adapter is byte-identical (covered by cut_core.weights.adapter_digest).
+MERGED_CONFIG = "cut_align_merged_config.json"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,10 @@ def merge_adapter(base_model: str | Path, adapter: str | Path, out: str | Path, 
     base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch_dtype, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.save_pretrained(str(out))
+    if (Path(adapter) / MERGED_CONFIG).is_file():
+        import shutil
+
+        shutil.copyfile(Path(adapter) / MERGED_CONFIG, Path(out) / "config.json")
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(out))
     lineage = Lineage(base_model=str(Path(base_model).resolve()), base_digest=weights_digest(base_model),
                       adapter=str(Path(adapter).resolve()), base_ref=base_ref, adapter_digest=adapter_digest(adapter),

@@ -650,23 +650,16 @@ def save_final(model, tokenizer, output_dir: str | Path, *, base_model: str | Pa
     base + adapter on this machine; `merged/` carries cut_align_lineage.json (cut_core.lineage)."""
     output_dir = Path(output_dir)
     written = {}
-    lineage = None
+    adapter = None
     if hasattr(model, "merge_and_unload"):
         adapter = output_dir / "adapter"
         model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
         if base_model is not None:
-            from .files import write_text_atomic
-
             config_path = adapter / "adapter_config.json"
             config = json.loads(config_path.read_text())
             config["base_model_name_or_path"] = str(Path(base_model).resolve())
             write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-            from .lineage import Lineage
-            from .weights import adapter_digest, weights_digest
-
-            lineage = Lineage(base_model=str(Path(base_model).resolve()), base_digest=weights_digest(base_model),
-                              adapter=str(adapter.resolve()), base_ref=base_ref, adapter_digest=adapter_digest(adapter))
         written["adapter"] = str(adapter)
         model = model.merge_and_unload()
     merged = output_dir / "merged"
@@ -674,12 +667,15 @@ def save_final(model, tokenizer, output_dir: str | Path, *, base_model: str | Pa
         model = model.to(training_dtype())  # full fine-tuning trained fp32 masters; ship the compute dtype
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
-    if lineage is not None:
-        from dataclasses import replace
+    if adapter is not None and base_model is not None:
+        from .lineage import MERGED_CONFIG, Lineage, write_lineage
+        from .weights import adapter_digest, weights_digest
 
-        from .lineage import write_lineage
-        from .weights import weights_digest
-
-        write_lineage(merged, replace(lineage, merged_digest=weights_digest(merged)))
+        # the merged config (use_cache, pad id... as training left them) travels with the adapter,
+        # so a merge rebuilt elsewhere is this folder, byte for byte (lineage.merge_adapter)
+        shutil.copyfile(merged / "config.json", adapter / MERGED_CONFIG)
+        write_lineage(merged, Lineage(base_model=str(Path(base_model).resolve()), base_digest=weights_digest(base_model),
+                                      adapter=str(adapter.resolve()), base_ref=base_ref,
+                                      adapter_digest=adapter_digest(adapter), merged_digest=weights_digest(merged)))
     written["merged"] = str(merged)
     return written
