@@ -213,3 +213,54 @@ def test_readme_one_liner_loads_an_adapter_version(first_version, base_copy, sto
     path = mlflow.artifacts.download_artifacts("models:/readme-adapter@champion")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     assert torch.allclose(logits(model), expected, atol=1e-5) and len(tokenizer) > 4
+
+
+# ----------------------------------------------------------------------------- through the flow: the store's size
+
+@pytest.fixture(scope="module")
+def demo_tiny(tmp_path_factory):
+    from cut_core.demo_task import tokenizer_corpus
+    from cut_core.tiny import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("demo") / "base", tokenizer_corpus(n=300), vocab_size=256)
+
+
+@pytest.mark.slow
+def test_a_three_iteration_lora_run_stores_three_adapters_and_no_merged_copy(tmp_path, demo_tiny, prefect_harness,
+                                                                              monkeypatch):
+    """bench/adapter_store.py's run: the store holds one adapter per iteration, no merged copy
+    (main's code stored a merged copy per iteration too), and every version is the declared base
+    + ONE adapter, continued from the previous version's."""
+    sys_path = str(ROOT / "bench")
+    monkeypatch.syspath_prepend(sys_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import adapter_store
+
+    from flows.align import train_config
+    from tasks import tracking
+
+    figures = adapter_store.measure(demo_tiny, tmp_path)
+    assert figures["versions"] == [1, 2, 3] and figures["adapters_stored"] == 3
+    assert figures["merged_copies_stored"] == 0
+    assert figures["adapter_bytes"] < 0.25 * 3 * figures["model_bytes"]  # 3 adapters, far below 3 models
+    artifacts = adapter_store.du(tmp_path / "mlruns" / "artifacts")
+    assert artifacts < 1.5 * figures["model_bytes"]  # every artifact of the run, below 1.5 models
+
+    run = tmp_path / "work" / "runs" / figures["run_key"]
+    configs = [json.loads((run / f"iter-{k}" / "train" / "out" / "train_config.json").read_text()) for k in (1, 2, 3)]
+    assert {c["model_path"] for c in configs} == {str(demo_tiny)}  # every iteration trains on the declared base
+    assert [c.get("init_adapter") for c in configs] == [
+        None, str((run / "iter-1/train/out/adapter").resolve()), str((run / "iter-2/train/out/adapter").resolve())]
+    client = tracking.use_store()
+    assert {client.get_model_version("adapter-store", str(v)).tags[tracking.KIND_TAG] for v in (1, 2, 3)} == {"adapter"}
+    assert not any(a.path == "model" for v in (1, 2, 3)
+                   for a in client.list_artifacts(client.get_model_version("adapter-store", str(v)).run_id))
+
+    # the training folders gone, version 3 is rebuilt from the store's adapter and the local base,
+    # and a round starting from it continues its adapter on that base
+    shutil.rmtree(tmp_path / "work" / "runs")
+    resolved = tracking.resolve_model("adapter-store", version=3, cache_dir=tmp_path / "cache")
+    assert resolved.source == "rebuilt" and weights_digest(resolved.path) == resolved.digest
+    pipeline = adapter_store.pipeline_for(tmp_path / "work", demo_tiny, "alpaca")
+    config = train_config(pipeline, resolved.path, "examples.parquet", resolved.uri)
+    assert config["model_path"] == str(demo_tiny.resolve()) and config["init_adapter"] == read_lineage(resolved.path).adapter
+    assert "base_ref" not in config  # the base is the declared base, a path
