@@ -7,7 +7,9 @@ contract as CUT (checkpoints with COMPLETE markers, resume, log_history.jsonl, a
 merged/, COMPLETE).
 
 The reference model: with LoRA, TRL wraps the base itself and the reference is the base with
-the adapter disabled (no second copy in memory); with full fine-tuning, TRL loads a frozen copy
+the adapter disabled (no second copy in memory); a later iteration continues the previous
+version's adapter on the same declared base (`init_adapter`), so its reference stays that
+declared base (the round's anchor), not the previous iteration; with full fine-tuning, TRL loads a frozen copy
 from the same local folder.
 """
 
@@ -42,6 +44,7 @@ def build_trainer(
     max_length: int | None,
     report_to: str,
     callbacks: list,
+    init_adapter: str | None = None,
 ):
     """A ready DPOTrainer on the pairs file; the caller trains, resumes and saves it."""
     require_trl()
@@ -55,9 +58,19 @@ def build_trainer(
     dataset = Dataset.from_dict({c: pairs[c].to_list() for c in ("prompt", "chosen", "rejected")})
     args = DPOConfig(beta=objective.beta, max_length=max_length,
                      **training_arguments(training, output_dir=checkpoints, max_steps=max_steps, report_to=report_to))
-    model = load_model(model_path, adapter, full_finetune=training.full_finetune, wrap=False)
+    if init_adapter is not None:  # the previous version's adapter, continued: TRL takes the PeftModel as is
+        from cut_core.errors import UserError
+
+        try:
+            model = load_model(model_path, adapter, init_adapter=init_adapter)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        peft_config = None
+    else:
+        model = load_model(model_path, adapter, full_finetune=training.full_finetune, wrap=False)
+        peft_config = None if training.full_finetune else lora_config(adapter, model)
     return DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=None if training.full_finetune else lora_config(adapter, model),
+        peft_config=peft_config,
         callbacks=callbacks,
     )

@@ -12,6 +12,12 @@ CONFIG.json keys:
     max_steps    optional: stop after this many optimizer steps (overrides training.epochs)
     max_length   optional: dpo/ilf_dpo only, TRL's cap on prompt + completion tokens (CUT
                  examples were already cut to fit when they were materialized)
+    init_adapter optional: a LoRA run's adapter/ folder trained on this same model_path with the
+                 same adapter section; the LoRA starts from its weights (the next iteration
+                 continues the previous version's adapter: a version is base + ONE adapter).
+                 A different adapter section is refused (exit USER_ERROR, one line)
+    base_ref     optional: the registry reference of model_path (e.g. "models:/NAME/3"),
+                 recorded in merged/cut_align_lineage.json
     processes    optional: the processes the declaration launched (dsl.Launch.processes); with
                  more than one, training stops before any work unless they form one group
 
@@ -23,8 +29,10 @@ Writes into output_dir:
                                 flagged_fraction, padding_efficiency, learning_rate, grad_norm, epoch
                                 (ut and flagged_fraction only when the window held CUT pairs);
                                 dpo/ilf_dpo log TRL's keys instead: loss, rewards/*, logps/*, ...
-    adapter/                    the LoRA adapter (LoRA runs only)
-    merged/                     a standalone model + tokenizer (AutoModelForCausalLM-loadable)
+    adapter/                    the LoRA adapter + tokenizer (LoRA runs only); its adapter_config.json
+                                names model_path by absolute path (AutoModelForCausalLM-loadable here)
+    merged/                     a standalone model + tokenizer (AutoModelForCausalLM-loadable); in LoRA
+                                runs with cut_align_lineage.json (= model_path + adapter/)
     COMPLETE                    last; a rerun of a finished output_dir does nothing
 
 Relaunching on the same output_dir resumes from the latest complete checkpoint with the
@@ -50,7 +58,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_KEYS = {"model_path", "examples", "output_dir", "objective", "adapter", "training", "report_to", "max_steps",
-               "max_length", "processes"}
+               "max_length", "processes",
+               "init_adapter", "base_ref"}
 REQUIRED_KEYS = ("model_path", "examples", "output_dir")
 HISTORY = "log_history.jsonl"
 PROGRESS = "progress.json"
@@ -232,7 +241,8 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
             model_path=config["model_path"], pairs_path=config["examples"], checkpoints=checkpoints,
             objective=objective, adapter=adapter, training=training, tokenizer=tokenizer,
             max_steps=config.get("max_steps"), max_length=config.get("max_length"),
-            report_to=config.get("report_to") or "none", callbacks=callbacks)
+            report_to=config.get("report_to") or "none", callbacks=callbacks,
+            init_adapter=config.get("init_adapter"))
     else:
         trainer = _cut_trainer(config, objective, adapter, training, tokenizer, records, checkpoints, callbacks)
     if progress is not None:
@@ -246,7 +256,8 @@ def run(config: dict[str, Any], *, callbacks: list | None = None) -> dict[str, A
     # The trainer state (restored from the checkpoint on resume) is the authoritative history.
     history = [{"step": e["step"], **e} for e in trainer.state.log_history if "loss" in e]
     _write_history(history_path, history)
-    written = save_final(trainer.model, tokenizer, output_dir)
+    written = save_final(trainer.model, tokenizer, output_dir, base_model=config["model_path"],
+                         base_ref=config.get("base_ref"))
     summary = {"steps": trainer.state.global_step, "resumed_from": str(resume) if resume else None,
                "records": len(trainer.train_dataset), "processes": world, **written}
     write_text_atomic(marker, json.dumps(summary))  # whole or absent: a cut write is not 'finished'
@@ -260,7 +271,8 @@ def _cut_trainer(config, objective, adapter, training, tokenizer, records, check
     from .errors import UserError
 
     try:
-        model = load_model(config["model_path"], adapter, full_finetune=training.full_finetune)
+        model = load_model(config["model_path"], adapter, full_finetune=training.full_finetune,
+                           init_adapter=config.get("init_adapter"))
     except ValueError as err:  # LoRA targets that match nothing, an adapter-less non-full run
         raise UserError(str(err)) from err
     args = CUTConfig(

@@ -24,6 +24,7 @@ recomputing in backward, so no [tokens, vocab] logits tensor (or its gradient) e
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -561,36 +562,100 @@ def lora_config(lora: Any, model):
                       target_modules=lora_targets(model, lora.target_modules), task_type="CAUSAL_LM")
 
 
-def load_model(model_path: str | Path, lora: Any | None, *, full_finetune: bool = False, wrap: bool = True):
+def load_model(model_path: str | Path, lora: Any | None, *, full_finetune: bool = False, wrap: bool = True,
+               init_adapter: str | Path | None = None):
     """The model to train: a LoRA-wrapped base (frozen base in `training_dtype()`, adapter in
     fp32), or the whole model in fp32 for full fine-tuning (bf16 autocast on GPU).
     `lora` is a `dsl.LoRA` (or anything with r, alpha, dropout, target_modules). wrap=False
-    returns the LoRA run's base unwrapped, for trainers that wrap it themselves (TRL's)."""
+    returns the LoRA run's base unwrapped, for trainers that wrap it themselves (TRL's).
+
+    `init_adapter`: a PEFT adapter folder trained on this same base with this same LoRA config;
+    the LoRA starts from its weights instead of a fresh init (a version stays "base + ONE
+    adapter"). A different config raises ValueError (one line); implies wrap=True."""
     from transformers import AutoModelForCausalLM
 
     if full_finetune or lora is None:
         if lora is None and not full_finetune:
             raise ValueError("no LoRA adapter given: set full_finetune=True to train every weight")
+        if init_adapter is not None:
+            raise ValueError("init_adapter continues a LoRA adapter: it needs a LoRA run, not full fine-tuning")
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
     from peft import get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype(), use_safetensors=True)
-    return get_peft_model(base, lora_config(lora, base)) if wrap else base
+    if init_adapter is None:
+        return get_peft_model(base, lora_config(lora, base)) if wrap else base
+    model = get_peft_model(base, lora_config(lora, base))
+    continue_adapter(model, init_adapter)
+    return model
 
 
-def save_final(model, tokenizer, output_dir: str | Path) -> dict[str, str]:
+def _lora_fields(config) -> dict:
+    targets = config.target_modules
+    return {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
+
+
+def continue_adapter(model, adapter_dir: str | Path) -> None:
+    """Load a saved adapter's weights into `model`'s fresh LoRA ("default"), refusing (ValueError,
+    one line) an adapter saved with another LoRA config (rank, alpha, dropout, target modules)."""
+    from peft import LoraConfig
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ValueError(f"init_adapter {adapter_dir} is not a PEFT adapter folder (no adapter_config.json); "
+                         "fix: point it at the adapter/ folder of a finished LoRA run")
+    saved, fresh = _lora_fields(LoraConfig.from_pretrained(str(adapter_dir))), _lora_fields(model.peft_config["default"])
+    if saved != fresh:
+        diff = ", ".join(f"{k} {saved[k]!r} -> {fresh[k]!r}" for k in saved if saved[k] != fresh[k])
+        raise ValueError(f"the adapter section differs from the one {adapter_dir} was trained with ({diff}): "
+                         "a version continues its adapter with the same LoRA config; fix: declare the previous "
+                         "adapter section, or start from the declared base")
+    state = load_peft_weights(str(adapter_dir), device="cpu")
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"init_adapter {adapter_dir} does not fit this base: {len(missing)} LoRA weights missing, "
+                         f"{len(result.unexpected_keys)} unexpected (e.g. {(missing + list(result.unexpected_keys))[:2]})")
+
+
+def save_final(model, tokenizer, output_dir: str | Path, *, base_model: str | Path | None = None,
+               base_ref: str | None = None) -> dict[str, str]:
     """Write `adapter/` (LoRA only) and `merged/` (a standalone model + tokenizer) under output_dir.
-    Merging changes the model in place: call this last."""
+    Merging changes the model in place: call this last.
+
+    LoRA runs: `adapter/` also holds the tokenizer, and its adapter_config.json names the base by
+    its absolute path (`base_model`), so `AutoModelForCausalLM.from_pretrained(adapter/)` loads
+    base + adapter on this machine; `merged/` carries cut_align_lineage.json (cut_core.lineage)."""
     output_dir = Path(output_dir)
     written = {}
+    adapter = None
     if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(output_dir / "adapter")
-        written["adapter"] = str(output_dir / "adapter")
+        adapter = output_dir / "adapter"
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        if base_model is not None:
+            config_path = adapter / "adapter_config.json"
+            config = json.loads(config_path.read_text())
+            config["base_model_name_or_path"] = str(Path(base_model).resolve())
+            write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        written["adapter"] = str(adapter)
         model = model.merge_and_unload()
     merged = output_dir / "merged"
     if torch.cuda.is_available() and model.dtype == torch.float32:
         model = model.to(training_dtype())  # full fine-tuning trained fp32 masters; ship the compute dtype
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
+    if adapter is not None and base_model is not None:
+        from .lineage import MERGED_CONFIG, Lineage, write_lineage
+        from .weights import adapter_digest, weights_digest
+
+        # the merged config (use_cache, pad id... as training left them) travels with the adapter,
+        # so a merge rebuilt elsewhere is this folder, byte for byte (lineage.merge_adapter)
+        shutil.copyfile(merged / "config.json", adapter / MERGED_CONFIG)
+        write_lineage(merged, Lineage(base_model=str(Path(base_model).resolve()), base_digest=weights_digest(base_model),
+                                      adapter=str(adapter.resolve()), base_ref=base_ref,
+                                      adapter_digest=adapter_digest(adapter), merged_digest=weights_digest(merged)))
     written["merged"] = str(merged)
     return written

@@ -38,3 +38,26 @@ def weights_digest(folder: str | Path) -> str:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
     return h.hexdigest()
+
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def adapter_digest(folder: str | Path) -> str:
+    """sha256 (hex) of a PEFT adapter folder: its adapter_config.json, *.safetensors files and
+    (when present) cut_align_merged_config.json, each as its name, size and bytes (tokenizer
+    files are not part of it)."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    files = sorted([p for p in folder.iterdir() if p.is_file() and (p.name in (ADAPTER_CONFIG, "cut_align_merged_config.json") or p.suffix == ".safetensors")],
+                   key=lambda p: p.name)
+    if len(files) == 1:
+        raise FileNotFoundError(f"{folder} holds no *.safetensors adapter weights")
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+    return h.hexdigest()

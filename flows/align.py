@@ -177,8 +177,23 @@ def iteration_run(root: Path, pipeline: Pipeline, parent: str, iteration: int) -
     return run_id
 
 
-def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
-    return {"model_path": model_path, "examples": examples,
+def train_config(pipeline: Pipeline, model_path: str, examples: str, start_ref: str | None = None) -> dict:
+    """The training subprocess's config. A LoRA run whose start is a LoRA version (its folder
+    carries cut_align_lineage.json) continues that version's adapter on the same base
+    (`init_adapter`): every LoRA version is "base + ONE adapter", never a chain of merges.
+    `start_ref`: the registry reference of `model_path` when it is a registered full-weight version."""
+    from cut_core.lineage import read_lineage
+    from cut_core.weights import weights_digest
+
+    lineage = read_lineage(model_path) if not pipeline.training.full_finetune else None
+    extra: dict = {"base_ref": start_ref} if start_ref else {}
+    if lineage is not None:
+        if weights_digest(lineage.base_model) != lineage.base_digest:
+            raise UserError(f"{model_path} is {lineage.base_model} + an adapter, but that base changed since "
+                            "(its weights digest differs): restore the base model, or start from the declared base")
+        model_path = lineage.base_model
+        extra = {"init_adapter": lineage.adapter, **({"base_ref": lineage.base_ref} if lineage.base_ref else {})}
+    return {"model_path": model_path, "examples": examples, **extra,
             "objective": pipeline.objective.model_dump(mode="json"),
             "adapter": None if pipeline.training.full_finetune else pipeline.adapter.model_dump(mode="json"),
             "training": pipeline.training.model_dump(mode="json"),
@@ -191,10 +206,11 @@ def train_config(pipeline: Pipeline, model_path: str, examples: str) -> dict:
 def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, model_path: str, run_id: str,
                             best_so_far: float | None, *, batch: str | None = None,
                             sources: list[str] | None = None, digests: list[str] | None = None,
-                            round_key: str | None = None) -> dict:
+                            round_key: str | None = None, start_ref: str | None = None) -> dict:
     """materialize -> train -> evaluate -> register, each a stage that stores its result.
     The training data: one `batch`, the files with these `digests`/`sources`, or the triplets
-    selected for one recurring offline round (`round_key`, tasks/rounds.py)."""
+    selected for one recurring offline round (`round_key`, tasks/rounds.py). `start_ref`: the
+    registry reference of the start model, recorded as an adapter version's base."""
     pipeline = Pipeline.from_json(pipeline_json)
     it = root / f"iter-{iteration}"
 
@@ -208,12 +224,14 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
     # Training metrics stream into the iteration's MLflow run while the subprocess trains
     # (tasks/train.py), each logged step once, also across a retry or a resumed run.
     trained = run_stage(it / "train", lambda d: train(
-        train_config(pipeline, model_path, examples["path"]), str(d / "out"), mlflow_run_id=run_id,
+        train_config(pipeline, model_path, examples["path"], start_ref), str(d / "out"), mlflow_run_id=run_id,
         launch_json=pipeline.launch.model_dump_json()))
     if trained["history"]:
         plot = Path(trained["output_dir"]) / "loss_curve.png"
         loss_curve_png(trained["history"], plot, title=f"{pipeline.name} iteration {iteration}")
         tracking.log_artifact(run_id, plot)
+    # A LoRA run's adapter (+ tokenizer) is logged once, here; it is also what the version registers
+    # (no merged copy in the store: tracking.resolve_model rebuilds it on demand).
     if trained.get("adapter"):
         tracking.log_artifacts(run_id, trained["adapter"], "adapter")
 
@@ -231,10 +249,12 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
         tracking.log_artifacts(run_id, evaluated["dir"], "evaluation")
 
     def register(_: Path) -> dict:
-        tracking.log_artifacts(run_id, trained["merged"], "model")
+        artifact = "adapter" if trained.get("adapter") else "model"
+        if artifact == "model":  # full fine-tuning registers its weights
+            tracking.log_artifacts(run_id, trained["merged"], "model")
         metric = pipeline.evaluation.champion_metric
         return tracking.register_version(
-            pipeline.registered_model or pipeline.name, run_id, "model", metric=metric,
+            pipeline.registered_model or pipeline.name, run_id, artifact, metric=metric,
             value=result["metrics"].get(metric), floor=best_so_far, model_dir=trained["merged"],
             judged=result["metrics"].get("judged"), failed=result["metrics"].get("failed_judgments"),
             max_failed_rate=pipeline.evaluation.max_failed_rate, min_judged=pipeline.evaluation.min_judged,
@@ -251,7 +271,7 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
 
 @flow(name="online-iteration", flow_run_name="{pipeline_name}-iteration-{iteration}")
 def online_iteration(pipeline_json: str, pipeline_name: str, run_dir: str, iteration: int, model_path: str,
-                     parent_run_id: str, best_so_far: float | None) -> dict:
+                     parent_run_id: str, best_so_far: float | None, start_ref: str | None = None) -> dict:
     """sample -> generate -> judge -> materialize -> train -> evaluate -> register."""
     pipeline = Pipeline.from_json(pipeline_json)
     root = Path(run_dir)
@@ -272,7 +292,8 @@ def online_iteration(pipeline_json: str, pipeline_name: str, run_dir: str, itera
         pipeline_json, warehouse_path(pipeline), generated["path"], batch, str(d)))
     tracking.log_metrics(run_id, {f"judge.{k}": v for k, v in judged.items() if isinstance(v, (int, float))})
 
-    return train_evaluate_register(pipeline_json, root, iteration, model_path, run_id, best_so_far, batch=batch)
+    return train_evaluate_register(pipeline_json, root, iteration, model_path, run_id, best_so_far, batch=batch,
+                                   start_ref=start_ref)
 
 
 # ----------------------------------------------------------------------------- the two flows
@@ -350,7 +371,7 @@ def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring:
     iteration_start = start_model
     for k in range(1, pipeline.online.iterations + 1):
         result = online_iteration(pipeline_json, pipeline.name, str(root), k, model_path, parent,
-                                  best(base, results, pipeline.evaluation.champion_metric))
+                                  best(base, results, pipeline.evaluation.champion_metric), iteration_start.get("uri"))
         results.append({**result, "start_model": iteration_start})
         create_markdown_artifact(
             key=f"{pipeline.name}-iteration-{k}-summary".lower().replace("_", "-").replace(".", "-"),
@@ -424,12 +445,14 @@ def offline_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring
     run_id = iteration_run(root, pipeline, parent, 1)
     if recurring:
         result = train_evaluate_register(pipeline_json, root, 1, model_path, run_id,
-                                         best(base, [], pipeline.evaluation.champion_metric), round_key=root.name)
+                                         best(base, [], pipeline.evaluation.champion_metric), round_key=root.name,
+                                         start_ref=start_model.get("uri"))
         # From now on no later round of this pipeline trains on these triplets.
         mark_round_trained(root.name, warehouse, result["registered"]["version"])
     else:
         result = train_evaluate_register(pipeline_json, root, 1, model_path, run_id,
-                                         best(base, [], pipeline.evaluation.champion_metric), digests=digests)
+                                         best(base, [], pipeline.evaluation.champion_metric), digests=digests,
+                                         start_ref=start_model.get("uri"))
     summary = summarize(pipeline, root, base, [{**result, "start_model": start_model}], parent, start_model,
                         extra={"round": selection, "trained": True} if recurring else None)
     return summary

@@ -12,6 +12,7 @@ experiment was created.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,11 +27,20 @@ from mlflow import MlflowClient  # noqa: E402
 from cut_core.judges import score_refusal  # noqa: E402
 
 from cut_core.errors import UserError  # noqa: E402
-from cut_core.weights import weights_digest  # noqa: E402
+from cut_core.files import build_dir  # noqa: E402
+from cut_core.lineage import merge_adapter, read_lineage  # noqa: E402
+from cut_core.weights import adapter_digest, weights_digest  # noqa: E402
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 DIGEST_TAG = "weights_sha256"   # cut_core.weights.weights_digest of the version's model folder
 LOCAL_TAG = "local_model"       # where the version's folder was written: a cache hint, verified before use
+# A LoRA version is registered as its adapter (adapter folder + tokenizer), not a merged copy:
+KIND_TAG = "cut_align.kind"     # "adapter" (base + adapter) or "weights" (a full model folder)
+ADAPTER_TAG = "adapter_sha256"  # cut_core.weights.adapter_digest of the registered adapter folder
+BASE_DIGEST_TAG = "base_sha256"  # weights_digest of the base the adapter applies to
+BASE_PATH_TAG = "base_model"    # the base's absolute path on the machine that trained it
+BASE_REF_TAG = "base_ref"       # the base's registry reference (models:/NAME/V) when it is a registered version
+MERGED_DTYPE_TAG = "merged_dtype"  # the dtype the merged folder was written in (a rebuild uses it)
 
 
 def mlruns_dir() -> Path:
@@ -116,9 +126,13 @@ def register_version(model_name: str, run_id: str, artifact_path: str, *, model_
     promotion: more than `max_failed_rate` failed, or fewer than `min_judged` succeeded, and the
     score is not trusted: `champion` stays where it is and the result's `refused` says why.
 
-    `model_dir` is the local folder whose files were logged at `artifact_path`: the version is
-    tagged with the digest of its weights (DIGEST_TAG, checked by `resolve_model` wherever the
-    version is used) and with the folder itself (LOCAL_TAG, a cache hint).
+    `model_dir` is the model folder this version is: the version is tagged with the digest of its
+    weights (DIGEST_TAG, checked by `resolve_model` wherever the version is used) and with the
+    folder itself (LOCAL_TAG, a cache hint). A full model folder is what was logged at
+    `artifact_path`. A LoRA run's merged folder (it carries cut_align_lineage.json) is registered
+    as its adapter: `artifact_path` holds the adapter folder (+ tokenizer), and the version is
+    tagged with the adapter's digest and the base's digest, path and registry reference, from
+    which `resolve_model` rebuilds the merged folder anywhere.
 
     Improvement means beating both the metric stored as a tag on the current champion version
     and `floor` (the best score this run has seen, the base model's included); higher is better
@@ -138,6 +152,7 @@ def register_version(model_name: str, run_id: str, artifact_path: str, *, model_
     version_tags = dict(tags or {})
     version_tags[DIGEST_TAG] = weights_digest(model_dir)
     version_tags[LOCAL_TAG] = str(Path(model_dir).resolve())
+    version_tags.update(_kind_tags(model_dir, version_tags[DIGEST_TAG]))
     if value is not None:
         version_tags[metric] = repr(float(value))
     version = client.create_model_version(model_name, source, run_id=run_id, tags=version_tags)
@@ -157,6 +172,23 @@ def register_version(model_name: str, run_id: str, artifact_path: str, *, model_
             "previous_champion_metric": previous, "digest": version_tags[DIGEST_TAG]}
 
 
+def _kind_tags(model_dir: str | Path, digest: str) -> dict[str, str]:
+    """KIND_TAG and, for a LoRA run's merged folder, what rebuilds it: adapter and base digests."""
+    lineage = read_lineage(model_dir)
+    if lineage is None:
+        return {KIND_TAG: "weights"}
+    if lineage.merged_digest and lineage.merged_digest != digest:
+        raise RegistryError(f"{model_dir} changed after training (its lineage records sha256 "
+                            f"{lineage.merged_digest[:12]}…, it holds {digest[:12]}…): train it again")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    tags = {KIND_TAG: "adapter", ADAPTER_TAG: adapter_digest(lineage.adapter), BASE_DIGEST_TAG: lineage.base_digest,
+            BASE_PATH_TAG: lineage.base_model,
+            MERGED_DTYPE_TAG: str(config.get("dtype") or config.get("torch_dtype") or "")}
+    if lineage.base_ref:
+        tags[BASE_REF_TAG] = lineage.base_ref
+    return tags
+
+
 class RegistryError(UserError):
     """A registered model version that cannot be used: not registered, not fetchable, or not
     the weights it was registered with. Its message is one line: the cause and the fix
@@ -171,8 +203,10 @@ class ResolvedModel:
     name: str
     version: int
     digest: str                 # DIGEST_TAG of the version (sha256 hex)
-    source: str                 # "local" (the folder it was trained into), "cache" or "download"
+    source: str                 # "local" (the folder it was trained into), "cache", "download", or
+                                # "rebuilt" (an adapter version merged on this machine)
     skipped: str | None = None  # why a local folder was not used, when one was named and differed
+                                # (or why a rebuilt merge differs bitwise from the training machine's)
 
     @property
     def uri(self) -> str:
@@ -253,6 +287,8 @@ def resolve_model(model_name: str, *, version: int | None = None, alias: str | N
 
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
     target = Path(cache_dir).resolve() / safe_name / f"v{number}-{digest[:16]}"
+    if found.tags.get(KIND_TAG) == "adapter":
+        return _rebuild(found, model_name, number, target, cache_dir, resolved, skipped)
     if _holds(target, digest):
         return resolved(target, "cache", skipped)
 
@@ -286,3 +322,67 @@ def resolve_model(model_name: str, *, version: int | None = None, alias: str | N
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return resolved(target, "download", skipped)
+
+
+def _cached_merge(target: Path, adapter_sha: str) -> bool:
+    """Whether `target` is a merge built here earlier from this adapter and still unaltered."""
+    lineage = read_lineage(target)
+    return (lineage is not None and lineage.adapter_digest == adapter_sha and lineage.merged_digest is not None
+            and _holds(target, lineage.merged_digest))
+
+
+def _base_for(found, uri: str, cache_dir) -> tuple[str, str | None]:
+    """(local folder holding the version's base, verified by digest; its registry ref or None)."""
+    base_digest, path, ref = (found.tags.get(BASE_DIGEST_TAG), found.tags.get(BASE_PATH_TAG),
+                              found.tags.get(BASE_REF_TAG))
+    if path and _holds(path, base_digest):
+        return path, ref
+    if ref:
+        name, _, version = ref.removeprefix("models:/").rpartition("/")
+        base = resolve_model(name, version=int(version), cache_dir=cache_dir)
+        if base.digest != base_digest:
+            raise RegistryError(f"{uri} was trained on {ref} with sha256 {base_digest[:12]}…, but {ref} now holds "
+                                f"{base.digest[:12]}…: the registry was altered; register a new version")
+        return base.path, ref
+    where = "differs from the one it was trained on" if path and Path(path).exists() else "is not on this machine"
+    raise RegistryError(f"{uri} is an adapter on the base model {path} (sha256 {base_digest[:12]}…), which {where}: "
+                        f"put that base model at {path} (or run where it is), then resolve again")
+
+
+def _rebuild(found, model_name: str, number: int, target: Path, cache_dir, resolved, skipped) -> ResolvedModel:
+    """An adapter version: the merge cached at `target`, else fetch the adapter (verified by its
+    digest), find the base (verified by its digest), merge into a folder built aside and renamed."""
+    uri = f"models:/{model_name}/{number}"
+    adapter_sha = found.tags.get(ADAPTER_TAG)
+    if not adapter_sha or not found.tags.get(BASE_DIGEST_TAG):
+        raise RegistryError(f"{uri} is an adapter version without {ADAPTER_TAG}/{BASE_DIGEST_TAG} tags, so it "
+                            "cannot be verified: register a new version")
+    if _cached_merge(target, adapter_sha):
+        return resolved(target, "cache", skipped)
+    adapter = target.parent / f"{target.name}.adapter"
+    if not (adapter.is_dir() and _adapter_holds(adapter, adapter_sha)):
+        with build_dir(adapter) as tmp:
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri())
+            except Exception as err:  # noqa: BLE001 - any store failure is the same error for the user
+                raise RegistryError(f"cannot fetch {uri} from {found.source}: {_first_line(err)}") from None
+            if not _adapter_holds(tmp, adapter_sha):
+                raise RegistryError(f"{uri} fetched from {found.source} is not the registered adapter (sha256 "
+                                    f"{adapter_sha[:12]}…): its artifacts were deleted or altered; register a new "
+                                    "version")
+    base, ref = _base_for(found, uri, cache_dir)
+    dtype = found.tags.get(MERGED_DTYPE_TAG) or None
+    with build_dir(target) as tmp:
+        lineage = merge_adapter(base, adapter, tmp, dtype=dtype, base_ref=ref)
+    if lineage.merged_digest != found.tags[DIGEST_TAG]:
+        note = (f"rebuilt merge of the verified base and adapter has sha256 {lineage.merged_digest[:12]}…, not the "
+                f"training machine's {found.tags[DIGEST_TAG][:12]}… (merge arithmetic differs across devices)")
+        skipped = f"{skipped}; {note}" if skipped else note
+    return resolved(target, "rebuilt", skipped)
+
+
+def _adapter_holds(folder: Path, digest: str) -> bool:
+    try:
+        return adapter_digest(folder) == digest
+    except FileNotFoundError:
+        return False
