@@ -239,8 +239,8 @@ def online_iteration(pipeline_json: str, pipeline_name: str, run_dir: str, itera
         online.prompts, warehouse_path(pipeline), pipeline.name, online.prompts_per_iteration,
         str(d / "prompts.parquet")))
     generated = run_stage(it / "generate", lambda d: generate_responses(
-        model_path, sampled["path"], warehouse_path(pipeline), root.name, iteration, online.max_new_tokens,
-        online.generation_batch_size, online.greedy, str(d / "generations.parquet"), pipeline.model.template,
+        model_path, sampled["path"], warehouse_path(pipeline), root.name, iteration,
+        pipeline.generation.model_dump_json(), str(d / "generations.parquet"), pipeline.model.template,
         pipeline_name=pipeline.name))
 
     batch = f"{root.name}/iter-{iteration}"
