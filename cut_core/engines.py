@@ -30,9 +30,11 @@ the path it was loaded from (an adapter's entry: the adapter's path and `parent`
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -317,6 +319,54 @@ class VLLMEngine:
                 tail = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
                 raise EngineRefused(f"engine='vllm' failed (exit {proc.returncode}): {tail[0][:300]}")
             return json.loads(answer.read_text())["texts"]
+
+
+@contextlib.contextmanager
+def vllm_server(model: str | Path, *, python: str | Path | None = None, port: int = 8000,
+                max_model_len: int = 1024, dtype: str = "float32", lora: bool = True, max_lora_rank: int = 16,
+                ready_timeout_s: float = 600.0, log_file: str | Path | None = None):
+    """Start vLLM's OpenAI server (its own python) on 127.0.0.1:`port` serving `model`; yields the
+    base URL once GET /v1/models answers, stops the server on exit. `lora`: --enable-lora with
+    runtime adapter loading (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), what an online round needs to
+    generate from each iteration's adapter. The command line is the one docs/architecture.md gives."""
+    import httpx
+    python = Path(python) if python else DEFAULT_VLLM_PYTHON
+    VLLMEngine(str(python)).check()
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(model).resolve()),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if lora:
+        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank)]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    log = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise EngineRefused(f"the vLLM server exited ({proc.returncode}) before it was ready"
+                                    + (f"; its log: {log_file}" if log_file else ""))
+            try:
+                if httpx.get(f"{base_url}/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise EngineRefused(f"the vLLM server was not ready in {ready_timeout_s:.0f} s")
+            time.sleep(2)
+        yield base_url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its engine process
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
 
 
 def resolve_key(spec: dsl.Generation, secret_resolver=None) -> str | None:
