@@ -49,3 +49,16 @@ def write_lineage(model_dir: str | Path, lineage: Lineage) -> None:
     from cut_core.files import write_text_atomic
 
     write_text_atomic(Path(model_dir) / FILE, lineage.to_json() + "\n")
+
+
+def ensure_lineage(model_dir: str | Path, base_model: str | Path, adapter: str | Path) -> Lineage:
+    """The folder's lineage; written (base_model + adapter, base digested now) when it has none."""
+    found = read_lineage(model_dir)
+    if found is not None:
+        return found
+    from cut_core.weights import weights_digest
+
+    record = Lineage(base_model=str(Path(base_model).resolve()), base_digest=weights_digest(base_model),
+                     adapter=str(Path(adapter).resolve()))
+    write_lineage(model_dir, record)
+    return record

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cut_core import warehouse as wh
+from cut_core import lineage
 from cut_core.dsl import Pipeline
 from cut_core.evaluate import EvaluationRefused
 from cut_core.files import run_lock
@@ -192,6 +193,9 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
         tracking.log_artifact(run_id, plot)
     if trained.get("adapter"):
         tracking.log_artifacts(run_id, trained["adapter"], "adapter")
+        # A serving engine generates from this iteration by loading its adapter on the base it
+        # serves (cut_core.engines): the merged folder says which base + adapter it is.
+        lineage.ensure_lineage(trained["merged"], model_path, trained["adapter"])
 
     result = {"iteration": iteration, "model": trained["merged"], "metrics": {}}
     if pipeline.evaluation.heldout and pipeline.judge is not None:
