@@ -295,6 +295,7 @@ class VLLMEngine:
     def __init__(self, python: str | None = None, *, max_model_len: int | None = None, dtype: str = "auto"):
         self.python = Path(python) if python else DEFAULT_VLLM_PYTHON
         self.max_model_len, self.dtype = max_model_len, dtype
+        self.last: dict = {}  # the worker's own figures of the last call: tokens, generate_s (bench)
 
     def check(self) -> None:
         if not self.python.exists():
@@ -318,7 +319,9 @@ class VLLMEngine:
             if proc.returncode != 0 or not answer.exists():
                 tail = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
                 raise EngineRefused(f"engine='vllm' failed (exit {proc.returncode}): {tail[0][:300]}")
-            return json.loads(answer.read_text())["texts"]
+            result = json.loads(answer.read_text())
+            self.last = {"tokens": result.get("tokens"), "generate_s": result.get("generate_s")}
+            return result["texts"]
 
 
 @contextlib.contextmanager
