@@ -157,8 +157,8 @@ def sized(pipeline, setting: dict, workdir: Path, model_path: Path, name: str):
         "training": pipeline.training.model_copy(update={
             "micro_batch_size": micro, "gradient_accumulation": accumulation, "logging_steps": 1,
             "warmup_steps": min(pipeline.training.warmup_steps, setting.get("max_warmup", 10**9))}),
-        "online": pipeline.online.model_copy(update={"max_new_tokens": setting["max_new_tokens"],
-                                                     "generation_batch_size": 16}),
+        "generation": pipeline.generation.model_copy(update={"max_new_tokens": setting["max_new_tokens"],
+                                                             "batch_size": 16}),
         "evaluation": evaluation})
 
 
@@ -175,7 +175,7 @@ def constraints_task(pipeline, setting: dict):
                          f"is {pipeline.judge.callable}")
     return Task(name="constraints", judge=ct.judge, correct=ct.is_satisfied, cut=pipeline.objective,
                 template=pipeline.model.template, max_length=setting["max_length"],
-                max_new_tokens=setting["max_new_tokens"], generation_batch_size=pipeline.online.generation_batch_size,
+                max_new_tokens=setting["max_new_tokens"], generation_batch_size=pipeline.generation.batch_size,
                 adapter=pipeline.adapter, device=None)
 
 

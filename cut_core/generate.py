@@ -64,10 +64,17 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
 
 @torch.inference_mode()
 def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, max_new_tokens: int,
-                      batch_size: int, greedy: bool = True) -> list[str]:
-    """Continue each prompt (token ids, as sequences.py encodes them); returns the new text only."""
+                      batch_size: int, greedy: bool = True, temperature: float | None = None,
+                      top_p: float | None = None, seed: int | None = None) -> list[str]:
+    """Continue each prompt (token ids, as sequences.py encodes them); returns the new text only.
+
+    Sampling (greedy=False) uses `temperature` / `top_p` when given (else the model's generation
+    config); `seed` seeds torch once before the first batch, so the same seed, prompts and batch
+    size give the same samples."""
     if not ids:
         return []
+    if seed is not None and not greedy:
+        torch.manual_seed(seed)
     eos_ids, pad_id = _eos_ids(model, tokenizer), sequences.pad_id(tokenizer, model)
     device = model.device
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory batch
@@ -82,7 +89,9 @@ def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, m
         for row, i in enumerate(batch):  # left padding: the prompt sits at the right end
             input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
             attention[row, width - len(ids[i]):] = 1
-        sampling = {"do_sample": False} if greedy else {"do_sample": True}
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, **(
+            {"temperature": temperature} if temperature is not None else {}), **(
+            {"top_p": top_p} if top_p is not None else {})}
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                              eos_token_id=sorted(eos_ids) or None, **sampling)

@@ -531,6 +531,27 @@ def _retry_after(value: str | None) -> float | None:
 
 # ---------------------------------------------------------------- building from the DSL
 
+def resolve_api_key(spec: Any, secret_resolver: Callable[[str], str] | None = None, *,
+                    section: str = "judge") -> str | None:
+    """The API key of an OpenAI-compatible endpoint section (a judge, or a generation engine):
+    from the Prefect Secret `api_key_secret`, else from the variable `spec.key_env()` names (the
+    declared api_key_env, or OPENAI_API_KEY for https://api.openai.com alone), else None."""
+    if spec.api_key_secret:
+        if secret_resolver is None:
+            raise ValueError(f"{section}.api_key_secret={spec.api_key_secret!r} needs a secret_resolver "
+                             f"(run through the Prefect tasks, or set {section}.api_key_env instead)")
+        return secret_resolver(spec.api_key_secret) or None
+    key_env = spec.key_env()
+    if not key_env:
+        return None
+    api_key = os.environ.get(key_env)
+    if not api_key:
+        # A hosted API will answer 401: say why up front.
+        log.warning("environment variable %s is not set; calling %s without an API key",
+                    key_env, public_url(spec.base_url))
+    return api_key or None
+
+
 def build_judge(spec: dsl.FunctionJudge | dsl.TransformersJudge | dsl.OpenAIJudge, *,
                 secret_resolver: Callable[[str], str] | None = None,
                 positive_prefixes: Sequence[str] = DEFAULT_POSITIVE_PREFIXES,
@@ -550,19 +571,7 @@ def build_judge(spec: dsl.FunctionJudge | dsl.TransformersJudge | dsl.OpenAIJudg
         return TransformersJudge(spec.model_path, prompt=spec.prompt, max_new_tokens=spec.max_new_tokens,
                                  name=spec.name, **common, **overrides)
     if isinstance(spec, dsl.OpenAIJudge):
-        api_key = None
-        key_env = spec.key_env()
-        if spec.api_key_secret:
-            if secret_resolver is None:
-                raise ValueError(f"judge.api_key_secret={spec.api_key_secret!r} needs a secret_resolver "
-                                 "(run through the Prefect tasks, or set judge.api_key_env instead)")
-            api_key = secret_resolver(spec.api_key_secret)
-        elif key_env:
-            api_key = os.environ.get(key_env)
-            if not api_key:
-                # A hosted API will answer 401, recorded as failed judgments: say why up front.
-                log.warning("environment variable %s is not set; calling %s without an API key",
-                            key_env, public_url(spec.base_url))
+        api_key = resolve_api_key(spec, secret_resolver)
         return OpenAIJudge(spec.base_url, spec.model, api_key=api_key or None, system_prompt=spec.system_prompt,
                            user_prompt=spec.user_prompt, concurrency=spec.concurrency,
                            max_retries=spec.max_retries, timeout_s=spec.timeout_s,

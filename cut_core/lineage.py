@@ -88,3 +88,16 @@ def merge_adapter(base_model: str | Path, adapter: str | Path, out: str | Path, 
                       merged_digest=weights_digest(out))
     write_lineage(out, lineage)
     return lineage
+
+
+def ensure_lineage(model_dir: str | Path, base_model: str | Path, adapter: str | Path) -> Lineage:
+    """The folder's lineage; written (base_model + adapter, base digested now) when it has none."""
+    found = read_lineage(model_dir)
+    if found is not None:
+        return found
+    from cut_core.weights import weights_digest
+
+    record = Lineage(base_model=str(Path(base_model).resolve()), base_digest=weights_digest(base_model),
+                     adapter=str(Path(adapter).resolve()))
+    write_lineage(model_dir, record)
+    return record

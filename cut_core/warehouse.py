@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS generations (
     model_digest  VARCHAR NOT NULL,
     generated_at  TIMESTAMP DEFAULT current_timestamp,
     pipeline      VARCHAR,                  -- the pipeline's name, matched exactly by sample_prompts
+    engine        VARCHAR,                  -- who generated: transformers | openai:URL[|model] | vllm
     PRIMARY KEY (run, iteration, prompt_index)
 );
 """
@@ -116,6 +117,7 @@ CREATE TABLE IF NOT EXISTS round_triplets (
 ALTER TABLE triplets ADD COLUMN IF NOT EXISTS context VARCHAR;
 ALTER TABLE triplets ADD COLUMN IF NOT EXISTS element INTEGER;
 ALTER TABLE rejects ADD COLUMN IF NOT EXISTS element INTEGER;
+ALTER TABLE generations ADD COLUMN IF NOT EXISTS engine VARCHAR;
 """
 # Rows ingested before triplets.file_digest existed get it from ingested_files (the file's path
 # and batch name it); run once per open, it touches only rows still without a digest.
@@ -448,16 +450,17 @@ def used_instructions(con: duckdb.DuckDBPyConnection, pipeline: str) -> list[str
 
 
 def replace_generations(con: duckdb.DuckDBPyConnection, frame, *, run: str, iteration: int, model: str,
-                        pipeline: str | None) -> None:
+                        pipeline: str | None, engine: str | None = "transformers") -> None:
     """Store one iteration's generations (frame: prompt_index, instruction, response), replacing
-    what an earlier attempt of the same run and iteration stored."""
+    what an earlier attempt of the same run and iteration stored; `engine` names who generated
+    (cut_core.engines.engine_name)."""
     with _registered(con, "_wh_generations", frame):
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute("DELETE FROM generations WHERE run = ? AND iteration = ?", [run, iteration])
             con.execute("INSERT INTO generations (run, iteration, prompt_index, instruction, response, model_digest, "
-                        "pipeline) SELECT ?, ?, prompt_index, instruction, response, ?, ? FROM _wh_generations",
-                        [run, iteration, model, pipeline])
+                        "pipeline, engine) SELECT ?, ?, prompt_index, instruction, response, ?, ?, ? FROM _wh_generations",
+                        [run, iteration, model, pipeline, engine])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cut_core import warehouse as wh
+from cut_core import lineage
 from cut_core.dsl import Pipeline
 from cut_core.errors import UserError
 from cut_core.evaluate import EvaluationRefused
@@ -234,6 +235,9 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
     # (no merged copy in the store: tracking.resolve_model rebuilds it on demand).
     if trained.get("adapter"):
         tracking.log_artifacts(run_id, trained["adapter"], "adapter")
+        # A serving engine generates from this iteration by loading its adapter on the base it
+        # serves (cut_core.engines): the merged folder says which base + adapter it is.
+        lineage.ensure_lineage(trained["merged"], model_path, trained["adapter"])
 
     result = {"iteration": iteration, "model": trained["merged"], "metrics": {}}
     if pipeline.evaluation.heldout and pipeline.judge is not None:
@@ -283,8 +287,8 @@ def online_iteration(pipeline_json: str, pipeline_name: str, run_dir: str, itera
         online.prompts, warehouse_path(pipeline), pipeline.name, online.prompts_per_iteration,
         str(d / "prompts.parquet")))
     generated = run_stage(it / "generate", lambda d: generate_responses(
-        model_path, sampled["path"], warehouse_path(pipeline), root.name, iteration, online.max_new_tokens,
-        online.generation_batch_size, online.greedy, str(d / "generations.parquet"), pipeline.model.template,
+        model_path, sampled["path"], warehouse_path(pipeline), root.name, iteration,
+        pipeline.generation.model_dump_json(), str(d / "generations.parquet"), pipeline.model.template,
         pipeline_name=pipeline.name))
 
     batch = f"{root.name}/iter-{iteration}"

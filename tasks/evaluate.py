@@ -10,12 +10,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
+from cut_core import engines, templates
 from cut_core.dsl import Pipeline
 from cut_core.evaluate import EvaluationRefused, evaluate
 from cut_core.generate import load_model
 from cut_core.report import flag_report_html
 from tasks.generate import read_prompts
-from tasks.label import pipeline_judge
+from tasks.label import pipeline_judge, resolve_secret
 
 
 def samples_markdown(samples: list[dict], limit: int = 10) -> str:
@@ -40,10 +41,22 @@ def evaluate_model(pipeline_json: str, model_path: str, out_dir: str, label: str
     pipeline = Pipeline.from_json(pipeline_json)
     spec = pipeline.evaluation
     rows = read_prompts(spec.heldout).head(spec.max_prompts).to_dicts()
+    generation = pipeline.generation
+    max_new_tokens = spec.max_new_tokens or generation.max_new_tokens
     model, tokenizer = load_model(model_path)
+    responses = None
+    if generation.engine != "transformers":
+        # Evaluation decodes greedily, one answer per prompt, on the declared engine; the model is
+        # still loaded here to score (held-out NLL, token flags).
+        instructions = [templates.format_instruction(r["instruction"], r.get("input")) for r in rows]
+        responses = [a[0] for a in engines.generate(
+            generation, model_path, instructions, template=pipeline.model.template, tokenizer=tokenizer,
+            sampling=engines.Sampling(max_new_tokens=max_new_tokens),
+            api_key=engines.resolve_key(generation, resolve_secret))]
+        logger.info(f"{label}: {len(responses)} held-out answers from engine {engines.engine_name(generation)}")
     judge = pipeline_judge(pipeline)  # resolves a Prefect Secret API key when declared
-    result = evaluate(model, tokenizer, rows, judge, max_new_tokens=spec.max_new_tokens,
-                      batch_size=pipeline.online.generation_batch_size, samples=spec.samples,
+    result = evaluate(model, tokenizer, rows, judge, max_new_tokens=max_new_tokens,
+                      batch_size=generation.batch_size, samples=spec.samples, responses=responses,
                       threshold=pipeline.objective.flag_threshold(), template=pipeline.model.template,
                       max_length=pipeline.model.max_length, max_failed_rate=spec.max_failed_rate,
                       min_judged=spec.min_judged)

@@ -6,6 +6,7 @@ ones its pipeline has never used, so no instruction is used twice.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import polars as pl
@@ -13,8 +14,9 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from cut_core import templates
+from cut_core import engines
 from cut_core import warehouse as wh
-from cut_core.generate import generate, load_model
+from cut_core.dsl import Generation
 
 
 def read_prompts(path: str) -> pl.DataFrame:
@@ -80,22 +82,29 @@ def sample_prompts(prompts_path: str, warehouse: str, pipeline_name: str, n: int
 
 @task(name="generate")
 def generate_responses(model_path: str, sampled_path: str, warehouse: str, run: str, iteration: int,
-                       max_new_tokens: int, batch_size: int, greedy: bool, out_file: str,
-                       template: str = "alpaca", pipeline_name: str | None = None) -> dict:
-    """Generate this iteration's responses and record them under `run` and `pipeline_name`
+                       generation_json: str, out_file: str, template: str = "alpaca",
+                       pipeline_name: str | None = None) -> dict:
+    """Generate this iteration's responses with the declared engine (Generation section) from
+    `model_path`, and record them under `run` and `pipeline_name` with the engine named
     (sample_prompts matches the pipeline's name exactly)."""
+    from tasks.label import resolve_secret
+
     logger = get_run_logger()
+    spec = Generation.model_validate_json(generation_json)
     prompts = pl.read_parquet(sampled_path)
-    model, tokenizer = load_model(model_path)
-    responses = generate(model, tokenizer, prompts["instruction"].to_list(), max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, greedy=greedy, template=template)
+    started = time.perf_counter()
+    answers = engines.generate(spec, model_path, prompts["instruction"].to_list(), template=template,
+                               api_key=engines.resolve_key(spec, resolve_secret))
+    seconds = time.perf_counter() - started
+    responses = [a[0] for a in answers]  # online rounds generate one response per instruction (dsl)
     frame = prompts.select("prompt_index", "instruction").with_columns(pl.Series("response", responses))
     frame.write_parquet(out_file)
+    engine = engines.engine_name(spec)
     con = wh.connect(warehouse)
     try:
         wh.replace_generations(con, frame.to_arrow(), run=run, iteration=iteration, model=model_path,
-                               pipeline=pipeline_name)
+                               pipeline=pipeline_name, engine=engine)
     finally:
         con.close()
-    logger.info(f"generated {frame.height} responses with {model_path}")
-    return {"path": out_file, "n": frame.height}
+    logger.info(f"generated {frame.height} responses with {model_path} on engine {engine} in {seconds:.1f} s")
+    return {"path": out_file, "n": frame.height, "engine": engine, "seconds": seconds}

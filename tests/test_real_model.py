@@ -154,8 +154,8 @@ def test_real_model_runs_the_online_pipeline_end_to_end(smollm2, tmp_path, prefe
         "model": declared.model.model_copy(update={"path": str(smollm2), "max_length": 128}),
         "training": declared.training.model_copy(update={"micro_batch_size": 4, "gradient_accumulation": 4,
                                                          "warmup_steps": 0, "logging_steps": 1}),
-        "online": declared.online.model_copy(update={"iterations": 1, "prompts_per_iteration": 6,
-                                                     "max_new_tokens": 12, "generation_batch_size": 6}),
+        "online": declared.online.model_copy(update={"iterations": 1, "prompts_per_iteration": 6}),
+        "generation": declared.generation.model_copy(update={"max_new_tokens": 12, "batch_size": 6}),
         "evaluation": declared.evaluation.model_copy(update={"max_prompts": 4, "max_new_tokens": 12, "samples": 4,
                                                              "min_judged": 4}),
     })
