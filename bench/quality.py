@@ -375,6 +375,35 @@ def summary(runs: list[dict]) -> dict:
             "seeds": sorted(r["seed"] for r in runs)}
 
 
+def choose(runs: dict[str, dict[float, list[dict]]], seeds: list[int]) -> tuple[dict, dict]:
+    """Per method, the lr of the best mean validation accuracy over its seeds (ties: the smaller lr),
+    its held-out summary at that lr, and a paired comparison with CUT at CUT's chosen lr (on the
+    seeds both have). runs: {method: {lr: [run_one results]}}. Returns (per-method results, {method: lr})."""
+    lrs = sorted({lr for by_lr in runs.values() for lr in by_lr})
+    result_methods, chosen = {}, {}
+    for method, by_lr in runs.items():
+        by_lr = {lr: rs for lr, rs in by_lr.items() if rs}
+        if not by_lr:
+            continue
+        validation_mean = {lr: mean([mean(r["validation_correct"]) for r in rs]) for lr, rs in by_lr.items()}
+        best = max(by_lr, key=lambda lr: (validation_mean[lr], -lr))  # ties: the smaller lr
+        chosen[method] = best
+        result_methods[method] = {"lr": best, **summary(by_lr[best]),
+                                  "validation": {f"{lr:g}": round(v, 4) for lr, v in validation_mean.items()},
+                                  "heldout_by_lr": {f"{lr:g}": round(mean([mean(r["heldout_correct"]) for r in rs]), 4)
+                                                    for lr, rs in by_lr.items()},
+                                  "records_first_iteration": [r["iterations"][0]["records"] for r in by_lr[best]],
+                                  "complete": all(len(by_lr.get(lr, [])) == len(seeds) for lr in lrs)}
+    if "cut" in chosen:
+        cut_runs = runs["cut"][chosen["cut"]]
+        for method in result_methods:
+            if method != "cut":
+                shared = [r for r in runs[method][chosen[method]] if r["seed"] in {c["seed"] for c in cut_runs}]
+                if shared:
+                    result_methods[method]["vs_cut"] = paired(shared, cut_runs)
+    return result_methods, chosen
+
+
 # ---------------------------------------------------------------- main
 
 def main() -> None:
@@ -460,27 +489,7 @@ def main() -> None:
         print(f"stopped at the {args.budget_minutes}-minute budget: the summary covers the finished runs only",
               flush=True)
 
-    result_methods, chosen = {}, {}
-    for method, by_lr in runs.items():
-        by_lr = {lr: rs for lr, rs in by_lr.items() if rs}
-        if not by_lr:
-            continue
-        validation_mean = {lr: mean([mean(r["validation_correct"]) for r in rs]) for lr, rs in by_lr.items()}
-        best = max(by_lr, key=lambda lr: (validation_mean[lr], -lr))  # ties: the smaller lr
-        chosen[method] = best
-        result_methods[method] = {"lr": best, **summary(by_lr[best]),
-                                  "validation": {f"{lr:g}": round(v, 4) for lr, v in validation_mean.items()},
-                                  "heldout_by_lr": {f"{lr:g}": round(mean([mean(r["heldout_correct"]) for r in rs]), 4)
-                                                    for lr, rs in by_lr.items()},
-                                  "records_first_iteration": [r["iterations"][0]["records"] for r in by_lr[best]],
-                                  "complete": all(len(by_lr.get(lr, [])) == len(seeds) for lr in lrs)}
-    if "cut" in chosen:
-        cut_runs = runs["cut"][chosen["cut"]]
-        for method in result_methods:
-            if method != "cut":
-                shared = [r for r in runs[method][chosen[method]] if r["seed"] in {c["seed"] for c in cut_runs}]
-                if shared:
-                    result_methods[method]["vs_cut"] = paired(shared, cut_runs)
+    result_methods, chosen = choose(runs, seeds)
 
     result_controls = {}
     if controls and "cut" in chosen:

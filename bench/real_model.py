@@ -71,13 +71,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SETTINGS = {
     "cpu": {"max_warmup": 0, "offline_records": 16, "max_length": 192, "batch": (4, 2), "iterations": 1, "prompts": 32,
             "heldout": 32, "max_new_tokens": 32,
-            "compare": {"iterations": 1, "prompts": 32, "samples": 4, "heldout": 32}},
+            "compare": {"iterations": 1, "prompts": 32, "samples": 4, "heldout": 32, "validation": 32,
+                        "lrs": [2e-5, 6e-5, 2e-4], "seeds": [42, 43, 44]}},
     "gpu": {"offline_records": 1000, "max_length": 512, "batch": (4, 4), "iterations": 2, "prompts": 200,
             "heldout": 200, "max_new_tokens": 64,
-            "compare": {"iterations": 2, "prompts": 200, "samples": 8, "heldout": 200}},
+            "compare": {"iterations": 2, "prompts": 200, "samples": 8, "heldout": 200, "validation": 200,
+                        "lrs": [2e-5, 6e-5, 2e-4], "seeds": [42, 43, 44]}},
     "smoke": {"max_warmup": 0, "offline_records": 4, "max_length": 128, "batch": (4, 1), "iterations": 1, "prompts": 4,
               "heldout": 4, "max_new_tokens": 16,
-              "compare": {"iterations": 1, "prompts": 4, "samples": 2, "heldout": 4}},
+              "compare": {"iterations": 1, "prompts": 4, "samples": 2, "heldout": 4, "validation": 4,
+                        "lrs": [2e-4], "seeds": [42]}},
 }
 COMPARE_METHODS = ("cut", "rs_sft", "dpo")
 
@@ -192,29 +195,36 @@ def fixed_broken(before: list[bool], after: list[bool]) -> dict:
             "broken": sum(1 for a, b in zip(before, after) if a and not b)}
 
 
-def compare_summary(base: list[bool], runs: dict[str, dict], *, steps_per_iteration: int) -> dict:
-    """Per method (bench/quality.py run_one results): held-out rate, paired counts against the base
-    and (every method but cut) against CUT, with the paired difference and its standard error."""
-    from bench.quality import paired
+def compare_summary(base: list[bool], runs: dict[str, dict[float, list[dict]]], seeds: list[int], *,
+                    steps_per_iteration: int) -> dict:
+    """Per method, bench/quality.py's choice (quality.choose): the lr of the best mean validation
+    rate over seeds, the held-out rate per seed at that lr with mean and std, and (every method but
+    cut) the paired difference with CUT at CUT's chosen lr; plus, at the chosen lr, the held-out
+    prompts fixed and broken against the base (summed over seeds), the optimizer steps and records
+    per seed and, for every lr, the held-out mean (heldout_by_lr: what the choice did not see)."""
+    from bench.quality import choose
 
+    chosen_rows, chosen = choose(runs, seeds)
     out = {}
-    for method, r in runs.items():
-        after = r["heldout_correct"]
-        row = {**rate(after), **fixed_broken(base, after), "lr": r["lr"],
-               "steps": sum(steps_per_iteration for it in r["iterations"] if it["trained"]),
-               "records": sum(it["records"] for it in r["iterations"]), "seconds": r["seconds"],
-               "iterations": r["iterations"]}
-        if method != "cut" and "cut" in runs:
-            vs = paired([r], [runs["cut"]])
-            row["vs_cut"] = {**fixed_broken(runs["cut"]["heldout_correct"], after),
-                             "mean_difference": vs["mean_difference"], "standard_error": vs["standard_error"]}
+    for method, row in chosen_rows.items():
+        rs = sorted(runs[method][chosen[method]], key=lambda r: r["seed"])
+        counts = [fixed_broken(base, r["heldout_correct"]) for r in rs]
+        row = {**row, "fixed": sum(c["fixed"] for c in counts), "broken": sum(c["broken"] for c in counts),
+               "n": len(base), "steps": [sum(steps_per_iteration for it in r["iterations"] if it["trained"]) for r in rs],
+               "records": [sum(it["records"] for it in r["iterations"]) for r in rs],
+               "seconds": [r["seconds"] for r in rs]}
         out[method] = row
     return out
 
 
-def compare(name: str, setting: dict, workdir: Path, model_path: Path, methods: list[str]) -> dict:
-    """Online CUT vs rejection-sampling SFT vs DPO on sampled pairs, at equal budget (module docstring).
-    Runs live in <workdir>/compare-<setting>/runs/<method>-lr<lr>-s<seed>; a finished one is reused."""
+def compare(name: str, setting: dict, workdir: Path, model_path: Path, methods: list[str], *,
+            lrs: list[float], seeds: list[int], budget_minutes: float | None = None) -> dict:
+    """Online CUT vs rejection-sampling SFT vs DPO on sampled pairs, at equal budget (module docstring),
+    over a learning-rate grid and seeds: every (method, lr, seed) is one bench/quality.py run_one, scored on
+    a validation split (the online file's last V instructions, never trained on) and the held-out set;
+    each method's lr is the best by mean validation rate (quality.choose). Seed-major order: with
+    budget_minutes, no run starts after the budget and the summary covers the finished ones.
+    Runs live in <workdir>/compare-<setting>/grid-v<V>/runs/<method>-lr<lr>-s<seed>; a finished one is reused."""
     from bench.quality import correctness, read_instructions, run_one
     from cut_core.dsl import load_pipeline
 
@@ -225,29 +235,51 @@ def compare(name: str, setting: dict, workdir: Path, model_path: Path, methods: 
     online = read_instructions(Path(pipeline.online.prompts))
     heldout = read_instructions(Path(pipeline.evaluation.heldout))[:size["heldout"]]
     n_train = size["iterations"] * size["prompts"]
-    if n_train > len(online) or len(heldout) < size["heldout"]:
-        raise SystemExit(f"error: {n_train} training / {size['heldout']} held-out instructions asked; the files hold "
-                         f"{len(online)} / {len(heldout)}")
+    if n_train + size["validation"] > len(online) or len(heldout) < size["heldout"]:
+        raise SystemExit(f"error: {n_train} training + {size['validation']} validation / {size['heldout']} held-out "
+                         f"instructions asked; the files hold {len(online)} / {len(heldout)}")
     train_prompts = [online[i * size["prompts"]:(i + 1) * size["prompts"]] for i in range(size["iterations"])]
+    validation = online[len(online) - size["validation"]:]  # the tail: never a training instruction
     batch = pipeline.training.micro_batch_size * pipeline.training.gradient_accumulation
     steps = math.ceil(size["prompts"] / batch)
-    lr, seed = pipeline.training.learning_rate, pipeline.training.seed
-    info = {**size, "steps_per_iteration": steps, "records_per_step": batch, "lr": lr, "seed": seed,
-            "max_new_tokens": setting["max_new_tokens"], "max_length": setting["max_length"]}
+    info = {**size, "lrs": lrs, "seeds": seeds, "steps_per_iteration": steps, "records_per_step": batch,
+            "declared_lr": pipeline.training.learning_rate, "max_new_tokens": setting["max_new_tokens"],
+            "max_length": setting["max_length"], "torch_threads": _threads()}
     print(f"compare: {', '.join(methods)}; {info}", flush=True)
 
+    started = time.time()
     base = correctness(str(model_path), heldout, task)
     print(f"compare: base {100 * sum(base) / len(base):.1f}% of {len(heldout)} held-out instructions satisfied",
           flush=True)
-    runs = {}
-    for method in methods:
-        runs[method] = run_one(method, lr, seed, base=str(model_path), train_prompts=train_prompts,
-                               evals={"heldout": heldout}, workdir=Path(pipeline.workdir), steps=steps,
-                               k=size["samples"], training=pipeline.training, task=task)
-        r = runs[method]
-        print(f"compare: {method:<7} {100 * sum(r['heldout_correct']) / len(heldout):5.1f}% satisfied "
-              f"(records {[it['records'] for it in r['iterations']]}, {r['seconds']} s)", flush=True)
-    return {"base": rate(base), "methods": compare_summary(base, runs, steps_per_iteration=steps), "size": info}
+    common = dict(base=str(model_path), train_prompts=train_prompts,
+                  evals={"validation": validation, "heldout": heldout},
+                  workdir=Path(pipeline.workdir) / f"grid-v{len(validation)}", steps=steps, k=size["samples"],
+                  training=pipeline.training, task=task)
+    runs: dict[str, dict[float, list[dict]]] = {m: {lr: [] for lr in lrs} for m in methods}
+    stopped = False
+    for seed in seeds:  # seed-major: a budget cut leaves every method and lr with its first seeds
+        for lr in lrs:
+            for method in methods:
+                if budget_minutes is not None and time.time() - started > 60 * budget_minutes:
+                    stopped = True
+                    break
+                r = run_one(method, lr, seed, **common)
+                runs[method][lr].append(r)
+                print(f"compare: {method:<7} lr {lr:<7g} seed {seed}: validation "
+                      f"{100 * sum(r['validation_correct']) / len(validation):5.1f}%  held-out "
+                      f"{100 * sum(r['heldout_correct']) / len(heldout):5.1f}%  (records "
+                      f"{[it['records'] for it in r['iterations']]}, {r['seconds']} s)", flush=True)
+    if stopped:
+        print(f"compare: stopped at the {budget_minutes}-minute budget: the summary covers the finished runs only",
+              flush=True)
+    return {"base": rate(base), "methods": compare_summary(base, runs, seeds, steps_per_iteration=steps),
+            "size": info, "stopped_at_budget": stopped}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main() -> None:
@@ -258,6 +290,11 @@ def main() -> None:
                         help="run one part (default: all three)")
     parser.add_argument("--methods", default=",".join(COMPARE_METHODS),
                         help=f"compared methods (default {','.join(COMPARE_METHODS)}; vs_cut needs cut)")
+    parser.add_argument("--lrs", default=None, help="compare: the lr grid, comma-separated (default: the setting's)")
+    parser.add_argument("--seeds", default=None, help="compare: training seeds, comma-separated (default: the setting's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a shared machine)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="compare: start no run after this many minutes; summarize the finished ones")
     args = parser.parse_args()
     if args.setting not in SETTINGS:
         raise SystemExit(f"error: --setting {args.setting!r}: choose cpu or gpu")
@@ -271,6 +308,8 @@ def main() -> None:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from cut_core.dsl import Source, load_pipeline
     from cut_core.models import ModelBuildError, smollm2_from_pypi
     from flows.align import run_pipeline
@@ -323,16 +362,24 @@ def main() -> None:
 
     if args.only in (None, "compare"):
         t = time.time()
-        report["compare"] = {**compare(args.setting, setting, workdir, model_path, methods), "wall_s": round(time.time() - t, 1)}
+        lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else setting["compare"]["lrs"]
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else setting["compare"]["seeds"]
+        report["compare"] = {**compare(args.setting, setting, workdir, model_path, methods, lrs=lrs, seeds=seeds,
+                                       budget_minutes=args.budget_minutes), "wall_s": round(time.time() - t, 1)}
         base = report["compare"]["base"]
         print(f"compare: held-out satisfaction (n {base['n']}): base {100 * base['satisfied']:.1f} "
-              f"± {100 * base['se']:.1f}%", flush=True)
+              f"± {100 * base['se']:.1f}% (binomial se); per method at its validation-chosen lr, mean ± std over "
+              f"seeds (per seed), vs CUT paired over seeds and prompts:", flush=True)
         for method, m in report["compare"]["methods"].items():
             vs = m.get("vs_cut")
             extra = (f"; vs CUT {100 * vs['mean_difference']:+.1f} ± {100 * vs['standard_error']:.1f} pts "
-                     f"(fixed {vs['fixed']}, broken {vs['broken']})") if vs else ""
-            print(f"  {method:<7} {100 * m['satisfied']:5.1f} ± {100 * m['se']:.1f}%  fixed {m['fixed']}, broken "
-                  f"{m['broken']} vs base; {m['steps']} steps, {m['records']} records{extra}", flush=True)
+                     f"(right where CUT is wrong {vs['mcnemar']['method_right_cut_wrong']}, the reverse "
+                     f"{vs['mcnemar']['cut_right_method_wrong']})") if vs else ""
+            by_lr = ", ".join(f"{lr}: {100 * v:.1f}" for lr, v in m["validation"].items())
+            print(f"  {method:<7} lr {m['lr']:<7g} {100 * m['mean']:5.1f} ± {100 * m['std']:.1f}% "
+                  f"{[round(100 * a, 1) for a in m['accuracy']]}  fixed {m['fixed']}, broken {m['broken']} vs base "
+                  f"(summed over seeds); validation by lr {{{by_lr}}}{extra}"
+                  f"{'' if m['complete'] else '  [grid incomplete]'}", flush=True)
 
     print(json.dumps(report))
 
