@@ -112,19 +112,29 @@ class Task:
     controls: Callable[[str | None, list[str], list[str], int], list[str | None]] | None = None
 
     def greedy(self, model, tokenizer, instructions: list[str]) -> list[str]:
-        if self.greedy_fn is not None:
-            return self.greedy_fn(model, tokenizer, instructions)
-        from cut_core.generate import generate
+        return self.greedy_ended(model, tokenizer, instructions)[0]
 
-        return generate(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
-                        batch_size=self.generation_batch_size, greedy=True, template=self.template)
+    def greedy_ended(self, model, tokenizer, instructions: list[str]) -> tuple[list[str], list[bool]]:
+        """Greedy answers and, per answer, whether the model stopped within max_new_tokens (False: the
+        limit cut it; its training sequences get no EOS, contrast.UNFINISHED). A greedy_fn's answers
+        count as stopped (the demo's: a number and EOS within 6 tokens)."""
+        if self.greedy_fn is not None:
+            return self.greedy_fn(model, tokenizer, instructions), [True] * len(instructions)
+        from cut_core.generate import generate_ended
+
+        return generate_ended(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.generation_batch_size, greedy=True, template=self.template)
 
     def sample(self, model, tokenizer, instructions: list[str]) -> list[str]:
         """One sampled answer per instruction (temperature 1 unless the model's generation config says otherwise)."""
-        from cut_core.generate import generate
+        return self.sample_ended(model, tokenizer, instructions)[0]
 
-        return generate(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
-                        batch_size=self.generation_batch_size, greedy=False, template=self.template)
+    def sample_ended(self, model, tokenizer, instructions: list[str]) -> tuple[list[str], list[bool]]:
+        """sample(), and per answer whether the model stopped within max_new_tokens."""
+        from cut_core.generate import generate_ended
+
+        return generate_ended(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.generation_batch_size, greedy=False, template=self.template)
 
     def judgments(self, control: str | None, instructions: list[str], responses: list[str],
                   seed: int) -> list[str | None]:
@@ -169,19 +179,24 @@ def verdicts(model, tokenizer, instructions: list[str], task: Task) -> list[bool
     return [task.correct(x, y) for x, y in zip(instructions, answers)]
 
 
-def triplets(instructions: list[str], responses: list[str], judgments: list[str | None], tag: str):
+def triplets(instructions: list[str], responses: list[str], judgments: list[str | None], tag: str,
+             ended: list[bool] | None = None):
+    """The triplet frame materialize reads; `ended` False marks a response the length limit cut
+    (contrast.UNFINISHED: trained without EOS)."""
     import polars as pl
 
     return pl.DataFrame({
         "id": [f"{tag}-{i}" for i in range(len(instructions))], "instruction": instructions,
         "response": responses, "judgment": judgments,
         "polarity": ["positive" if j is None else "negative" for j in judgments],
-        "score": [1.0 if j is None else 0.0 for j in judgments]})
+        "score": [1.0 if j is None else 0.0 for j in judgments],
+        "unfinished": [not e for e in ended] if ended is not None else [False] * len(instructions)})
 
 
 def sampled(model_path: str, instructions: list[str], k: int, seed: int,
-            task: Task | None = None) -> tuple[list[str], list[str]]:
-    """k sampled answers per problem (temperature 1), distinct per problem."""
+            task: Task | None = None) -> tuple[list[str], list[str], list[bool]]:
+    """k sampled answers per problem (temperature 1), distinct per problem, and whether each ended
+    within the length limit."""
     import torch
 
     from cut_core.generate import load_model
@@ -189,15 +204,16 @@ def sampled(model_path: str, instructions: list[str], k: int, seed: int,
     task = task or demo_task()
     model, tokenizer = load_model(model_path, device=task.device)
     torch.manual_seed(seed)
-    seen, xs, ys = set(), [], []
+    seen, xs, ys, ends = set(), [], [], []
     for _ in range(k):
-        answers = task.sample(model, tokenizer, instructions)
-        for x, y in zip(instructions, answers):
+        answers, ended = task.sample_ended(model, tokenizer, instructions)
+        for x, y, e in zip(instructions, answers, ended):
             if (x, y) not in seen:
                 seen.add((x, y))
                 xs.append(x)
                 ys.append(y)
-    return xs, ys
+                ends.append(e)
+    return xs, ys, ends
 
 
 def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, *, seed: int, k: int,
@@ -213,14 +229,15 @@ def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, 
     task = task or demo_task()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if method in ("rs_sft", "dpo"):
-        xs, ys = sampled(model_path, prompts, k, seed, task)
-        frame = triplets(xs, ys, [task.judge(x, y) for x, y in zip(xs, ys)], "s")
+        xs, ys, ends = sampled(model_path, prompts, k, seed, task)
+        frame = triplets(xs, ys, [task.judge(x, y) for x, y in zip(xs, ys)], "s", ends)
     else:
         model, _ = load_model(model_path, device=task.device)
-        ys = task.greedy(model, tokenizer, prompts)
+        ys, ends = task.greedy_ended(model, tokenizer, prompts)
         del model
-        frame = triplets(prompts, ys, task.judgments(control, prompts, ys, seed), "g")
-    stats = {"triplets": frame.height, "right": int((frame["polarity"] == "positive").sum())}
+        frame = triplets(prompts, ys, task.judgments(control, prompts, ys, seed), "g", ends)
+    stats = {"triplets": frame.height, "right": int((frame["polarity"] == "positive").sum()),
+             "unfinished": int(frame["unfinished"].sum())}
 
     name = {"rs_sft": "sft", "unlikelihood": "cut"}.get(method, method)
     refiner = ModelRefiner(model_path, template=task.template, max_new_tokens=task.max_new_tokens,

@@ -69,6 +69,10 @@ EXAMPLE_SCHEMA = {
 }
 KINDS = ("align_p", "align_n", "misalign", "mle")
 TRIPLET_COLUMNS = ("id", "instruction", "response", "judgment", "polarity", "refined")
+# Optional boolean triplet column: the response was cut by the generation length limit (the model
+# never stopped). Its sequences get no EOS: appending one would train (MLE) a stop the model never
+# made, and CUT would compare the two contexts on that made-up stop.
+UNFINISHED = "unfinished"
 # Files that define a tokenizer on disk (hashed when the tokenizer was loaded from a folder).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -82,7 +86,8 @@ RefineFn = Callable[[list[tuple[str, str, str]]], Sequence[str | None]]
 # ---------------------------------------------------------------- input rows
 
 def labeled_triplets(triplets: pl.DataFrame) -> pl.DataFrame:
-    """The rows materialize uses: labeled (polarity not null), the six columns, sorted by id.
+    """The rows materialize uses: labeled (polarity not null), the six columns and `unfinished`
+    (False where absent or null), sorted by id.
 
     Sorting makes the output (and the Align-P sample) independent of the order rows come in.
     `judgment` and `refined` may be absent from the input; they are then null.
@@ -92,8 +97,10 @@ def labeled_triplets(triplets: pl.DataFrame) -> pl.DataFrame:
         raise ValueError(f"triplets lack column(s) {missing}; expected {TRIPLET_COLUMNS}")
     frame = triplets.with_columns(
         [pl.lit(None, dtype=pl.String).alias(c) for c in ("judgment", "refined") if c not in triplets.columns])
+    unfinished = (pl.col(UNFINISHED).cast(pl.Boolean).fill_null(False) if UNFINISHED in triplets.columns
+                  else pl.lit(False))
     frame = (
-        frame.select(pl.col(c).cast(pl.String) for c in TRIPLET_COLUMNS)
+        frame.select(*[pl.col(c).cast(pl.String) for c in TRIPLET_COLUMNS], unfinished.alias(UNFINISHED))
         .filter(pl.col("polarity").is_not_null())
         .sort("id")
     )
@@ -140,6 +147,8 @@ def _triplets_hash(frame: pl.DataFrame) -> str:
             h.update(b"\x00" if value is None else b"\x01" + value.encode("utf-8"))
             h.update(b"\x1f")
         h.update(b"\x1e")
+    if UNFINISHED in frame.columns and frame[UNFINISHED].any():  # else the digest of data without the column
+        h.update(b"unfinished:" + ",".join(str(i) for i, u in enumerate(frame[UNFINISHED].to_list()) if u).encode())
     return h.hexdigest()
 
 
@@ -199,8 +208,10 @@ def _plan(
     neg_text = neg.filter(pl.col("judgment").is_not_null() & (pl.col("judgment").str.strip_chars() != ""))
     stats.update(positives=pos.height, negatives=neg.height)
 
+    response = pl.col("response")
+
     def rows(src: pl.DataFrame, kind: str, order: int, prompt_kind: str,
-             judgment: pl.Expr | None = None, target: pl.Expr = pl.col("response")) -> pl.DataFrame:
+             judgment: pl.Expr | None = None, target: pl.Expr = response) -> pl.DataFrame:
         return src.select(
             pl.col("id").alias("triplet_id"),
             pl.lit(kind).alias("kind"),
@@ -210,6 +221,8 @@ def _plan(
             pl.col("response"),
             (judgment if judgment is not None else pl.lit(None, dtype=pl.String)).alias("judgment"),
             target.alias("target"),
+            # EOS after the target, except after a response the length limit cut (UNFINISHED)
+            (~pl.col(UNFINISHED) if target is response else pl.lit(True)).alias("ends"),
         )
 
     def judgment_or(default: str) -> pl.Expr:
@@ -329,8 +342,9 @@ def _fit(plan: pl.DataFrame, max_length: int, eos: int, bos: int | None) -> pl.D
     The prompt room a target must leave is decided over the rows that share the target within a
     triplet (Align-N and Misalign), by the longest prompt, so both cut the target alike."""
     plan = plan.with_columns(reserve=pl.col("prompt_ids").list.len().max().over("triplet_id", "target"))
-    fitted = [sequences.fit(list(p), list(t) + [eos], max_length, bos, reserve_prompt_length=r)
-              for p, t, r in zip(plan["prompt_ids"].to_list(), plan["target_ids"].to_list(), plan["reserve"].to_list())]
+    fitted = [sequences.fit(list(p), list(t) + ([eos] if e else []), max_length, bos, reserve_prompt_length=r)
+              for p, t, r, e in zip(plan["prompt_ids"].to_list(), plan["target_ids"].to_list(),
+                                    plan["reserve"].to_list(), plan["ends"].to_list())]
     return plan.with_columns(
         pl.Series("input_ids", [f.input_ids for f in fitted], dtype=pl.List(pl.Int32)),
         pl.Series("response_start", [f.response_start for f in fitted], dtype=pl.Int32),
@@ -356,6 +370,7 @@ def _stats(examples: pl.DataFrame) -> dict:
         "rows_by_kind": {k: n for k, n in by_kind.select("kind", "rows").iter_rows()},
         "prompt_truncated": int(examples["prompt_truncated"].sum()),
         "response_truncated": int(examples["response_truncated"].sum()),
+        "rows_without_eos": int((~examples["ends"]).sum()),  # targets of unfinished responses
         "by_kind": {r["kind"]: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "kind"}
                     for r in by_kind.iter_rows(named=True)},
     }

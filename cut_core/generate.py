@@ -72,14 +72,24 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
 def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, max_new_tokens: int,
                       batch_size: int, greedy: bool = True) -> list[str]:
     """Continue each prompt (token ids, as sequences.py encodes them); returns the new text only."""
+    return generate_from_ids_ended(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   greedy=greedy)[0]
+
+
+@torch.inference_mode()
+def generate_from_ids_ended(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, max_new_tokens: int,
+                            batch_size: int, greedy: bool = True) -> tuple[list[str], list[bool]]:
+    """generate_from_ids, and per prompt whether the model stopped (wrote an EOS) within
+    max_new_tokens; False: the limit cut the response (train it without EOS: contrast.UNFINISHED)."""
     if not ids:
-        return []
+        return [], []
     eos_ids, pad_id = _eos_ids(model, tokenizer), _pad_id(model, tokenizer)
     device = model.device
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory batch
     # shows up at the start instead of after an hour of work.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     outputs: list[str] = [""] * len(ids)
+    ended: list[bool] = [False] * len(ids)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         width = max(len(ids[i]) for i in batch)
@@ -96,7 +106,8 @@ def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, m
             new = out[row, width:].tolist()
             cut = next((k for k, t in enumerate(new) if t in eos_ids), len(new))
             outputs[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
-    return outputs
+            ended[i] = cut < len(new)
+    return outputs, ended
 
 
 def generate(model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new_tokens: int,
@@ -108,6 +119,15 @@ def generate(model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new
     default, as the paper generates its online data. The prompt ids are
     `sequences.plain_prompt_ids`: the very ids training puts before a Misalign / Align-P response.
     """
+    return generate_ended(model, tokenizer, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          greedy=greedy, template=template, max_prompt_tokens=max_prompt_tokens)[0]
+
+
+def generate_ended(model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new_tokens: int,
+                   batch_size: int, greedy: bool = True, template: str = "alpaca",
+                   max_prompt_tokens: int | None = None) -> tuple[list[str], list[bool]]:
+    """generate(), and per instruction whether the model stopped before max_new_tokens
+    (generate_from_ids_ended)."""
     ids = plain_prompt_ids(tokenizer, instructions, template, max_prompt_tokens=max_prompt_tokens)
-    return generate_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             greedy=greedy)
+    return generate_from_ids_ended(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   greedy=greedy)
