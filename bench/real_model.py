@@ -224,7 +224,8 @@ def compare(name: str, setting: dict, workdir: Path, model_path: Path, methods: 
     a validation split (the online file's last V instructions, never trained on) and the held-out set;
     each method's lr is the best by mean validation rate (quality.choose). Seed-major order: with
     budget_minutes, no run starts after the budget and the summary covers the finished ones.
-    Runs live in <workdir>/compare-<setting>/grid-v<V>/runs/<method>-lr<lr>-s<seed>; a finished one is reused."""
+    Runs live in <workdir>/compare-<setting>/<size>/runs/<method>-lr<lr>-s<seed> (size: iterations x prompts,
+    k, validation, held-out); a finished one is reused."""
     from bench.quality import correctness, read_instructions, run_one
     from cut_core.dsl import load_pipeline
 
@@ -253,7 +254,8 @@ def compare(name: str, setting: dict, workdir: Path, model_path: Path, methods: 
           flush=True)
     common = dict(base=str(model_path), train_prompts=train_prompts,
                   evals={"validation": validation, "heldout": heldout},
-                  workdir=Path(pipeline.workdir) / f"grid-v{len(validation)}", steps=steps, k=size["samples"],
+                  workdir=Path(pipeline.workdir) / (f"i{size['iterations']}x{size['prompts']}-k{size['samples']}"
+                                                    f"-v{len(validation)}-h{len(heldout)}"), steps=steps, k=size["samples"],
                   training=pipeline.training, task=task)
     runs: dict[str, dict[float, list[dict]]] = {m: {lr: [] for lr in lrs} for m in methods}
     stopped = False
@@ -295,6 +297,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a shared machine)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="compare: start no run after this many minutes; summarize the finished ones")
+    for key, what in (("prompts", "training instructions per iteration"), ("samples", "k samples per instruction"),
+                      ("validation", "validation instructions"), ("heldout", "held-out instructions")):
+        parser.add_argument(f"--{key}", type=int, default=None, help=f"compare: {what} (default: the setting's)")
     args = parser.parse_args()
     if args.setting not in SETTINGS:
         raise SystemExit(f"error: --setting {args.setting!r}: choose cpu or gpu")
@@ -303,6 +308,9 @@ def main() -> None:
     if unknown or not methods:
         raise SystemExit(f"error: --methods {args.methods!r}: choose from {','.join(COMPARE_METHODS)}")
     setting = SETTINGS[args.setting]
+    overrides = {k: getattr(args, k) for k in ("prompts", "samples", "validation", "heldout") if getattr(args, k)}
+    if overrides:
+        setting = {**setting, "compare": {**setting["compare"], **overrides}}
     workdir = Path(args.workdir).resolve()
     os.environ.setdefault("CUT_ALIGN_MLRUNS", str(workdir / "mlruns"))
 
