@@ -284,11 +284,64 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def flags(name: str, setting: dict, workdir: Path, model_path: Path) -> dict:
+    """What CUT's first iteration compares on this model (the diagnosis of README "A real model"): the
+    base model's greedy answers to the comparison's training instructions, the verifier's judgments,
+    and Eq. 5's flags (evaluate.token_flags: the training rule, the declaration's threshold and chat
+    template) on each negative, with the EOS appended as the loss sees it. Per negative: whether the
+    answer stopped within max_new_tokens or the limit cut it, and which tokens were flagged."""
+    from collections import Counter
+
+    from bench.quality import read_instructions
+    from cut_core import constraints_task as ct
+    from cut_core.dsl import load_pipeline
+    from cut_core.evaluate import token_flags, token_texts
+    from cut_core.generate import generate_ended, load_model
+
+    declared = load_pipeline(ROOT / "pipelines" / "smollm2_constraints_online.py")
+    pipeline = sized(declared, setting, workdir, model_path, f"flags-{name}")
+    prompts = read_instructions(Path(pipeline.online.prompts))[:setting["compare"]["prompts"]]
+    model, tokenizer = load_model(str(model_path), device=None)
+    answers, ended = generate_ended(model, tokenizer, prompts, max_new_tokens=setting["max_new_tokens"],
+                                    batch_size=pipeline.online.generation_batch_size, template=pipeline.model.template)
+    negatives = [(x, y, ct.judge(x, y), e) for x, y, e in zip(prompts, answers, ended) if ct.judge(x, y) is not None]
+    scored = token_flags(model, tokenizer, [(x, y, j) for x, y, j, _ in negatives],
+                         threshold=pipeline.objective.threshold, batch_size=8, template=pipeline.model.template,
+                         max_length=setting["max_length"])
+    counts, rows = Counter(), []
+    eos_flagged = {"stopped": 0, "cut": 0}
+    for (x, y, j, e), f in zip(negatives, scored):
+        texts = token_texts(tokenizer, f["ids"])
+        counts.update(t for t, b in zip(texts, f["flagged"]) if b)
+        eos_flagged["stopped" if e else "cut"] += bool(f["flagged"][-1])
+        rows.append({"instruction": x, "judgment": j, "stopped": e, "eos_flagged": bool(f["flagged"][-1]),
+                     "marked": "".join(f"[{t}]" if b else t for t, b in zip(texts, f["flagged"]))})
+    total = sum(len(f["flagged"]) for f in scored)
+    flagged = sum(sum(f["flagged"]) for f in scored)
+    # The same answers with each negative's judgment moved to the next negative (a judgment about a
+    # different answer): flags that follow the judgment's content drop; flags that any judgment
+    # text gives do not.
+    swapped = token_flags(model, tokenizer, [(x, y, negatives[(k + 1) % len(negatives)][2])
+                                             for k, (x, y, _, _) in enumerate(negatives)],
+                          threshold=pipeline.objective.threshold, batch_size=8, template=pipeline.model.template,
+                          max_length=setting["max_length"]) if len(negatives) > 1 else []
+    swapped_flagged = sum(sum(f["flagged"]) for f in swapped)
+    return {"answers": len(prompts), "negatives": len(negatives),
+            "swapped_judgments": {"flagged": swapped_flagged,
+                                  "flagged_fraction": round(swapped_flagged / total, 4) if swapped else None,
+                                  "eos_flagged": sum(bool(f["flagged"][-1]) for f in swapped),
+                                  "same_tokens_flagged": sum(a and b for f, g in zip(scored, swapped)
+                                                             for a, b in zip(f["flagged"], g["flagged"]))},
+            "cut_by_limit": {"all": sum(not e for e in ended), "negatives": sum(not e for *_, e in negatives)},
+            "tokens": total, "flagged": flagged, "flagged_fraction": round(flagged / total, 4) if total else None,
+            "eos_flagged": eos_flagged, "most_flagged": counts.most_common(12), "negatives_marked": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--setting", default="cpu", help="cpu (2 CPU cores) or gpu (the declarations' sizes)")
     parser.add_argument("--workdir", default=str(ROOT / "work" / "bench-real-model"))
-    parser.add_argument("--only", choices=["offline", "online", "compare"], default=None,
+    parser.add_argument("--only", choices=["offline", "online", "compare", "flags"], default=None,
                         help="run one part (default: all three)")
     parser.add_argument("--methods", default=",".join(COMPARE_METHODS),
                         help=f"compared methods (default {','.join(COMPARE_METHODS)}; vs_cut needs cut)")
@@ -367,6 +420,14 @@ def main() -> None:
         root = Path(pipeline.workdir) / "runs" / result["run_key"]
         report["online"] = figures(result, root, t)
         print("online:", json.dumps(report["online"]), flush=True)
+
+    if args.only == "flags":
+        report["flags"] = flags(args.setting, setting, workdir, model_path)
+        for row in report["flags"]["negatives_marked"]:
+            print(f"flags: {'stopped' if row['stopped'] else 'cut   '} | {row['judgment']}\n       "
+                  f"{row['marked']!r}", flush=True)
+        summary = {k: v for k, v in report["flags"].items() if k != "negatives_marked"}
+        print(f"flags: {json.dumps(summary)}", flush=True)
 
     if args.only in (None, "compare"):
         t = time.time()
