@@ -112,19 +112,29 @@ class Task:
     controls: Callable[[str | None, list[str], list[str], int], list[str | None]] | None = None
 
     def greedy(self, model, tokenizer, instructions: list[str]) -> list[str]:
-        if self.greedy_fn is not None:
-            return self.greedy_fn(model, tokenizer, instructions)
-        from cut_core.generate import generate
+        return self.greedy_ended(model, tokenizer, instructions)[0]
 
-        return generate(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
-                        batch_size=self.generation_batch_size, greedy=True, template=self.template)
+    def greedy_ended(self, model, tokenizer, instructions: list[str]) -> tuple[list[str], list[bool]]:
+        """Greedy answers and, per answer, whether the model stopped within max_new_tokens (False: the
+        limit cut it; its training sequences get no EOS, contrast.UNFINISHED). A greedy_fn's answers
+        count as stopped (the demo's: a number and EOS within 6 tokens)."""
+        if self.greedy_fn is not None:
+            return self.greedy_fn(model, tokenizer, instructions), [True] * len(instructions)
+        from cut_core.generate import generate_ended
+
+        return generate_ended(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.generation_batch_size, greedy=True, template=self.template)
 
     def sample(self, model, tokenizer, instructions: list[str]) -> list[str]:
         """One sampled answer per instruction (temperature 1 unless the model's generation config says otherwise)."""
-        from cut_core.generate import generate
+        return self.sample_ended(model, tokenizer, instructions)[0]
 
-        return generate(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
-                        batch_size=self.generation_batch_size, greedy=False, template=self.template)
+    def sample_ended(self, model, tokenizer, instructions: list[str]) -> tuple[list[str], list[bool]]:
+        """sample(), and per answer whether the model stopped within max_new_tokens."""
+        from cut_core.generate import generate_ended
+
+        return generate_ended(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.generation_batch_size, greedy=False, template=self.template)
 
     def judgments(self, control: str | None, instructions: list[str], responses: list[str],
                   seed: int) -> list[str | None]:
@@ -169,19 +179,24 @@ def verdicts(model, tokenizer, instructions: list[str], task: Task) -> list[bool
     return [task.correct(x, y) for x, y in zip(instructions, answers)]
 
 
-def triplets(instructions: list[str], responses: list[str], judgments: list[str | None], tag: str):
+def triplets(instructions: list[str], responses: list[str], judgments: list[str | None], tag: str,
+             ended: list[bool] | None = None):
+    """The triplet frame materialize reads; `ended` False marks a response the length limit cut
+    (contrast.UNFINISHED: trained without EOS)."""
     import polars as pl
 
     return pl.DataFrame({
         "id": [f"{tag}-{i}" for i in range(len(instructions))], "instruction": instructions,
         "response": responses, "judgment": judgments,
         "polarity": ["positive" if j is None else "negative" for j in judgments],
-        "score": [1.0 if j is None else 0.0 for j in judgments]})
+        "score": [1.0 if j is None else 0.0 for j in judgments],
+        "unfinished": [not e for e in ended] if ended is not None else [False] * len(instructions)})
 
 
 def sampled(model_path: str, instructions: list[str], k: int, seed: int,
-            task: Task | None = None) -> tuple[list[str], list[str]]:
-    """k sampled answers per problem (temperature 1), distinct per problem."""
+            task: Task | None = None) -> tuple[list[str], list[str], list[bool]]:
+    """k sampled answers per problem (temperature 1), distinct per problem, and whether each ended
+    within the length limit."""
     import torch
 
     from cut_core.generate import load_model
@@ -189,15 +204,16 @@ def sampled(model_path: str, instructions: list[str], k: int, seed: int,
     task = task or demo_task()
     model, tokenizer = load_model(model_path, device=task.device)
     torch.manual_seed(seed)
-    seen, xs, ys = set(), [], []
+    seen, xs, ys, ends = set(), [], [], []
     for _ in range(k):
-        answers = task.sample(model, tokenizer, instructions)
-        for x, y in zip(instructions, answers):
+        answers, ended = task.sample_ended(model, tokenizer, instructions)
+        for x, y, e in zip(instructions, answers, ended):
             if (x, y) not in seen:
                 seen.add((x, y))
                 xs.append(x)
                 ys.append(y)
-    return xs, ys
+                ends.append(e)
+    return xs, ys, ends
 
 
 def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, *, seed: int, k: int,
@@ -213,14 +229,15 @@ def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, 
     task = task or demo_task()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if method in ("rs_sft", "dpo"):
-        xs, ys = sampled(model_path, prompts, k, seed, task)
-        frame = triplets(xs, ys, [task.judge(x, y) for x, y in zip(xs, ys)], "s")
+        xs, ys, ends = sampled(model_path, prompts, k, seed, task)
+        frame = triplets(xs, ys, [task.judge(x, y) for x, y in zip(xs, ys)], "s", ends)
     else:
         model, _ = load_model(model_path, device=task.device)
-        ys = task.greedy(model, tokenizer, prompts)
+        ys, ends = task.greedy_ended(model, tokenizer, prompts)
         del model
-        frame = triplets(prompts, ys, task.judgments(control, prompts, ys, seed), "g")
-    stats = {"triplets": frame.height, "right": int((frame["polarity"] == "positive").sum())}
+        frame = triplets(prompts, ys, task.judgments(control, prompts, ys, seed), "g", ends)
+    stats = {"triplets": frame.height, "right": int((frame["polarity"] == "positive").sum()),
+             "unfinished": int(frame["unfinished"].sum())}
 
     name = {"rs_sft": "sft", "unlikelihood": "cut"}.get(method, method)
     refiner = ModelRefiner(model_path, template=task.template, max_new_tokens=task.max_new_tokens,
@@ -375,6 +392,35 @@ def summary(runs: list[dict]) -> dict:
             "seeds": sorted(r["seed"] for r in runs)}
 
 
+def choose(runs: dict[str, dict[float, list[dict]]], seeds: list[int]) -> tuple[dict, dict]:
+    """Per method, the lr of the best mean validation accuracy over its seeds (ties: the smaller lr),
+    its held-out summary at that lr, and a paired comparison with CUT at CUT's chosen lr (on the
+    seeds both have). runs: {method: {lr: [run_one results]}}. Returns (per-method results, {method: lr})."""
+    lrs = sorted({lr for by_lr in runs.values() for lr in by_lr})
+    result_methods, chosen = {}, {}
+    for method, by_lr in runs.items():
+        by_lr = {lr: rs for lr, rs in by_lr.items() if rs}
+        if not by_lr:
+            continue
+        validation_mean = {lr: mean([mean(r["validation_correct"]) for r in rs]) for lr, rs in by_lr.items()}
+        best = max(by_lr, key=lambda lr: (validation_mean[lr], -lr))  # ties: the smaller lr
+        chosen[method] = best
+        result_methods[method] = {"lr": best, **summary(by_lr[best]),
+                                  "validation": {f"{lr:g}": round(v, 4) for lr, v in validation_mean.items()},
+                                  "heldout_by_lr": {f"{lr:g}": round(mean([mean(r["heldout_correct"]) for r in rs]), 4)
+                                                    for lr, rs in by_lr.items()},
+                                  "records_first_iteration": [r["iterations"][0]["records"] for r in by_lr[best]],
+                                  "complete": all(len(by_lr.get(lr, [])) == len(seeds) for lr in lrs)}
+    if "cut" in chosen:
+        cut_runs = runs["cut"][chosen["cut"]]
+        for method in result_methods:
+            if method != "cut":
+                shared = [r for r in runs[method][chosen[method]] if r["seed"] in {c["seed"] for c in cut_runs}]
+                if shared:
+                    result_methods[method]["vs_cut"] = paired(shared, cut_runs)
+    return result_methods, chosen
+
+
 # ---------------------------------------------------------------- main
 
 def main() -> None:
@@ -460,27 +506,7 @@ def main() -> None:
         print(f"stopped at the {args.budget_minutes}-minute budget: the summary covers the finished runs only",
               flush=True)
 
-    result_methods, chosen = {}, {}
-    for method, by_lr in runs.items():
-        by_lr = {lr: rs for lr, rs in by_lr.items() if rs}
-        if not by_lr:
-            continue
-        validation_mean = {lr: mean([mean(r["validation_correct"]) for r in rs]) for lr, rs in by_lr.items()}
-        best = max(by_lr, key=lambda lr: (validation_mean[lr], -lr))  # ties: the smaller lr
-        chosen[method] = best
-        result_methods[method] = {"lr": best, **summary(by_lr[best]),
-                                  "validation": {f"{lr:g}": round(v, 4) for lr, v in validation_mean.items()},
-                                  "heldout_by_lr": {f"{lr:g}": round(mean([mean(r["heldout_correct"]) for r in rs]), 4)
-                                                    for lr, rs in by_lr.items()},
-                                  "records_first_iteration": [r["iterations"][0]["records"] for r in by_lr[best]],
-                                  "complete": all(len(by_lr.get(lr, [])) == len(seeds) for lr in lrs)}
-    if "cut" in chosen:
-        cut_runs = runs["cut"][chosen["cut"]]
-        for method in result_methods:
-            if method != "cut":
-                shared = [r for r in runs[method][chosen[method]] if r["seed"] in {c["seed"] for c in cut_runs}]
-                if shared:
-                    result_methods[method]["vs_cut"] = paired(shared, cut_runs)
+    result_methods, chosen = choose(runs, seeds)
 
     result_controls = {}
     if controls and "cut" in chosen:

@@ -68,6 +68,10 @@ EXAMPLE_SCHEMA = {
 }
 KINDS = ("align_p", "align_n", "misalign", "mle")
 TRIPLET_COLUMNS = ("id", "instruction", "response", "judgment", "polarity", "refined")
+# Optional boolean triplet column: the response was cut by the generation length limit (the model
+# never stopped). Its sequences get no EOS: appending one would train (MLE) a stop the model never
+# made, and CUT would compare the two contexts on that made-up stop.
+UNFINISHED = "unfinished"
 # Files that define a tokenizer on disk (hashed when the tokenizer was loaded from a folder).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -81,7 +85,8 @@ RefineFn = Callable[[list[tuple[str, str, str]]], Sequence[str | None]]
 # ---------------------------------------------------------------- input rows
 
 def labeled_triplets(triplets: pl.DataFrame) -> pl.DataFrame:
-    """The rows materialize uses: labeled (polarity not null), the six columns, sorted by id.
+    """The rows materialize uses: labeled (polarity not null), the six columns and `unfinished`
+    (False where absent or null), sorted by id.
 
     Sorting makes the output (and the Align-P sample) independent of the order rows come in.
     `judgment`, `refined` and `context` may be absent from the input; they are then null.
@@ -94,8 +99,11 @@ def labeled_triplets(triplets: pl.DataFrame) -> pl.DataFrame:
     frame = triplets.with_columns(
         [pl.lit(None, dtype=pl.String).alias(c) for c in ("judgment", "refined", "context")
          if c not in triplets.columns])
+    unfinished = (pl.col(UNFINISHED).cast(pl.Boolean).fill_null(False) if UNFINISHED in triplets.columns
+                  else pl.lit(False))
     frame = (
-        frame.select(pl.col(c).cast(pl.String) for c in TRIPLET_COLUMNS + ("context",))
+        frame.select(*[pl.col(c).cast(pl.String) for c in TRIPLET_COLUMNS + ("context",)],
+                     unfinished.alias(UNFINISHED))
         .filter(pl.col("polarity").is_not_null())
         .sort("id")
     )
@@ -142,6 +150,8 @@ def _triplets_hash(frame: pl.DataFrame) -> str:
             h.update(b"\x00" if value is None else b"\x01" + value.encode("utf-8"))
             h.update(b"\x1f")
         h.update(b"\x1e")
+    if UNFINISHED in frame.columns and frame[UNFINISHED].any():  # else the digest of data without the column
+        h.update(b"unfinished:" + ",".join(str(i) for i, u in enumerate(frame[UNFINISHED].to_list()) if u).encode())
     return h.hexdigest()
 
 
@@ -185,7 +195,11 @@ def _digest(frame: pl.DataFrame, tokenizer: Any, settings: dict) -> str:
 # ---------------------------------------------------------------- the plan: (triplet, kind, prompt, target) rows
 
 def _rows(src: pl.DataFrame, kind: str, order: int, prompt_kind: str,
-          judgment: pl.Expr | None = None, target: pl.Expr = pl.col("response")) -> pl.DataFrame:
+          judgment: pl.Expr | None = None, target: pl.Expr | None = None) -> pl.DataFrame:
+    """Examples of one kind; the target is the response unless given. An EOS follows the target,
+    except after a response the length limit cut (UNFINISHED): the model never wrote that stop."""
+    ends = ~pl.col(UNFINISHED) if target is None else pl.lit(True)
+    target = pl.col("response") if target is None else target
     return src.select(
         pl.col("id").alias("triplet_id"),
         pl.lit(kind).alias("kind"),
@@ -196,6 +210,7 @@ def _rows(src: pl.DataFrame, kind: str, order: int, prompt_kind: str,
         pl.col("response"),
         (judgment if judgment is not None else pl.lit(None, dtype=pl.String)).alias("judgment"),
         target.alias("target"),
+        ends.alias("ends"),
     )
 
 
@@ -352,8 +367,9 @@ def _fit(plan: pl.DataFrame, max_length: int, eos: int, bos: int | None) -> pl.D
     The prompt room a target must leave is decided over the rows that share the target within a
     triplet (Align-N and Misalign), by the longest prompt, so both cut the target alike."""
     plan = plan.with_columns(reserve=pl.col("prompt_ids").list.len().max().over("triplet_id", "target"))
-    fitted = [sequences.fit(list(p), list(t) + [eos], max_length, bos, reserve_prompt_length=r)
-              for p, t, r in zip(plan["prompt_ids"].to_list(), plan["target_ids"].to_list(), plan["reserve"].to_list())]
+    fitted = [sequences.fit(list(p), list(t) + ([eos] if e else []), max_length, bos, reserve_prompt_length=r)
+              for p, t, r, e in zip(plan["prompt_ids"].to_list(), plan["target_ids"].to_list(),
+                                    plan["reserve"].to_list(), plan["ends"].to_list())]
     return plan.with_columns(
         pl.Series("input_ids", [f.input_ids for f in fitted], dtype=pl.List(pl.Int32)),
         pl.Series("response_start", [f.response_start for f in fitted], dtype=pl.Int32),
@@ -379,6 +395,7 @@ def _stats(examples: pl.DataFrame) -> dict:
         "rows_by_kind": {k: n for k, n in by_kind.select("kind", "rows").iter_rows()},
         "prompt_truncated": int(examples["prompt_truncated"].sum()),
         "response_truncated": int(examples["response_truncated"].sum()),
+        "rows_without_eos": int((~examples["ends"]).sum()),  # targets of unfinished responses
         "by_kind": {r["kind"]: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "kind"}
                     for r in by_kind.iter_rows(named=True)},
     }

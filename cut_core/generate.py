@@ -71,8 +71,18 @@ def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, m
     Sampling (greedy=False) uses `temperature` / `top_p` when given (else the model's generation
     config); `seed` seeds torch once before the first batch, so the same seed, prompts and batch
     size give the same samples."""
+    return generate_from_ids_ended(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)[0]
+
+
+@torch.inference_mode()
+def generate_from_ids_ended(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, max_new_tokens: int,
+                            batch_size: int, greedy: bool = True, temperature: float | None = None,
+                            top_p: float | None = None, seed: int | None = None) -> tuple[list[str], list[bool]]:
+    """generate_from_ids, and per prompt whether the model stopped (wrote an EOS) within
+    max_new_tokens; False: the limit cut the response (train it without EOS: contrast.UNFINISHED)."""
     if not ids:
-        return []
+        return [], []
     if seed is not None and not greedy:
         torch.manual_seed(seed)
     eos_ids, pad_id = _eos_ids(model, tokenizer), sequences.pad_id(tokenizer, model)
@@ -81,6 +91,7 @@ def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, m
     # shows up at the start instead of after an hour of work.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     outputs: list[str] = [""] * len(ids)
+    ended: list[bool] = [False] * len(ids)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         width = max(len(ids[i]) for i in batch)
@@ -99,7 +110,8 @@ def generate_from_ids(model: Any, tokenizer: Any, ids: Sequence[list[int]], *, m
             new = out[row, width:].tolist()
             cut = next((k for k, t in enumerate(new) if t in eos_ids), len(new))
             outputs[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
-    return outputs
+            ended[i] = cut < len(new)
+    return outputs, ended
 
 
 def generate(model: Any, tokenizer: Any, instructions: Sequence[Any], *, max_new_tokens: int,
@@ -112,6 +124,15 @@ def generate(model: Any, tokenizer: Any, instructions: Sequence[Any], *, max_new
     default, as the paper generates its online data. The prompt ids are
     `sequences.plain_prompt_ids`: the very ids training puts before a Misalign / Align-P response.
     """
+    return generate_ended(model, tokenizer, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          greedy=greedy, template=template, max_prompt_tokens=max_prompt_tokens)[0]
+
+
+def generate_ended(model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new_tokens: int,
+                   batch_size: int, greedy: bool = True, template: str = "alpaca",
+                   max_prompt_tokens: int | None = None) -> tuple[list[str], list[bool]]:
+    """generate(), and per instruction whether the model stopped before max_new_tokens
+    (generate_from_ids_ended)."""
     ids = plain_prompt_ids(tokenizer, instructions, template, max_prompt_tokens=max_prompt_tokens)
-    return generate_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             greedy=greedy)
+    return generate_from_ids_ended(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   greedy=greedy)

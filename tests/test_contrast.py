@@ -371,3 +371,27 @@ def test_a_refiner_object_enters_the_digest_by_its_name_not_its_address():
     assert refiner_name(Refiner("model:abc:alpaca:256"), None) == "model:abc:alpaca:256"
     assert refiner_name(Refiner("model:abc:alpaca:256"), "given") == "given"
     assert refiner_name(None, None) is None
+
+
+def test_a_response_the_length_limit_cut_is_trained_without_eos(tok, tmp_path):
+    """An online answer cut by max_new_tokens (unfinished) never had an EOS: its Align-P/SFT row
+    must not teach a stop there, and CUT must not compare the two contexts on a made-up stop (on
+    SmolLM2 that stop was the most-flagged token, README "A real model"). Finished answers keep EOS."""
+    unfinished = SMALL.with_columns(pl.Series("unfinished", [True, False, True, False, False]))
+    out, path = build(tok, tmp_path, triplets=unfinished)
+    src = {r["id"]: r for r in SMALL.iter_rows(named=True)}
+    for row in out.iter_rows(named=True):
+        _, resp = split(row)
+        words = tok(src[row["triplet_id"]]["response"], add_special_tokens=False)["input_ids"]
+        cut = row["triplet_id"] in ("p1", "n1")
+        assert resp == (words if cut else words + [tok.eos_token_id]), row
+    n1 = {r["kind"]: split(r)[1] for r in out.filter(pl.col("triplet_id") == "n1").iter_rows(named=True)}
+    assert n1["align_n"] == n1["misalign"]  # still identical twins
+    assert read_stats(path)["rows_without_eos"] == 3  # p1 align_p, n1 align_n + misalign
+    sft, _ = build(tok, tmp_path, triplets=unfinished, objective=SFT())
+    assert {r["triplet_id"]: split(r)[1][-1] == tok.eos_token_id for r in sft.iter_rows(named=True)} == {
+        "p1": False, "p2": True}
+    # the flag names a different file; all False (or absent) is the data it always was
+    kw = dict(objective=CUT(align_p_ratio=None), template="alpaca", max_length=256)
+    none = SMALL.with_columns(pl.lit(False).alias("unfinished"))
+    assert examples_digest(none, tok, **kw) == examples_digest(SMALL, tok, **kw) != examples_digest(unfinished, tok, **kw)

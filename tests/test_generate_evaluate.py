@@ -24,7 +24,7 @@ import torch
 
 from cut_core import templates
 from cut_core.evaluate import evaluate, token_texts
-from cut_core.generate import generate, load_model
+from cut_core.generate import generate, generate_ended, load_model
 from cut_core.judges import FunctionJudge, TransformersJudge
 from cut_core.report import flag_report_html
 from cut_core.tiny import make_tiny_model
@@ -110,6 +110,19 @@ def test_generate_decodes_only_new_tokens_and_stops_at_eos(tiny):
     with forced_tokens(model, answer + [tokenizer.eos_token_id, junk]):
         out = generate(model, tokenizer, INSTRUCTIONS[:3], max_new_tokens=40, batch_size=8)
     assert out == ["Paris is the capital."] * 3  # stripped, no prompt text, nothing after EOS
+
+
+def test_generate_ended_tells_an_answer_the_length_limit_cut_from_one_that_stopped(tiny):
+    """A cut answer must be trained without EOS (contrast.UNFINISHED): generation has to say which it was."""
+    model, tokenizer = tiny
+    answer = tokenizer(" Paris is the capital.", add_special_tokens=False)["input_ids"]
+    with forced_tokens(model, answer + [tokenizer.eos_token_id]):
+        stopped = generate_ended(model, tokenizer, INSTRUCTIONS[:2], max_new_tokens=len(answer) + 1, batch_size=8)
+    with forced_tokens(model, answer + [tokenizer.eos_token_id]):
+        cut = generate_ended(model, tokenizer, INSTRUCTIONS[:2], max_new_tokens=len(answer), batch_size=8)
+    assert stopped == (["Paris is the capital."] * 2, [True, True])
+    assert cut == (["Paris is the capital."] * 2, [False, False])  # same text, no EOS within the limit
+    assert generate_ended(model, tokenizer, [], max_new_tokens=4, batch_size=2) == ([], [])
 
 
 def test_transformers_judge_parses_and_fails_on_empty(tiny):

@@ -211,19 +211,34 @@ def test_compare_runs_the_declarations_settings_for_every_method(monkeypatch):
         task.judgments("terse", [instruction], ["Rivers flow."], 0)
 
 
-def test_compare_summary_counts_fixed_and_broken_against_the_base_and_cut(monkeypatch):
+def test_compare_chooses_each_methods_lr_on_validation_and_pairs_it_with_cut_over_seeds(monkeypatch):
     bench = _bench(monkeypatch)
     base = [True, False, False, True]
-    run = lambda method, correct, records: {  # noqa: E731 — a bench/quality.py run_one result
-        "method": method, "lr": 2e-4, "seed": 42, "heldout_correct": correct, "seconds": 1.0,
-        "iterations": [{"iteration": 1, "records": records, "trained": records > 0}]}
-    out = bench.compare_summary(base, {"cut": run("cut", [True, True, False, True], 8),
-                                       "rs_sft": run("rs_sft", [False, True, True, False], 3),
-                                       "dpo": run("dpo", [True, False, False, True], 0)}, steps_per_iteration=4)
-    assert (out["cut"]["satisfied"], out["cut"]["fixed"], out["cut"]["broken"], out["cut"]["steps"]) == (0.75, 1, 0, 4)
-    assert "vs_cut" not in out["cut"]
-    assert (out["rs_sft"]["fixed"], out["rs_sft"]["broken"]) == (2, 2)
-    assert out["rs_sft"]["vs_cut"]["fixed"] == 1 and out["rs_sft"]["vs_cut"]["broken"] == 2  # prompt 3; prompts 1, 4
-    assert out["rs_sft"]["vs_cut"]["mean_difference"] == pytest.approx(-0.25)
-    assert out["dpo"]["steps"] == 0 and out["dpo"]["records"] == 0  # no pair, no step
-    assert out["dpo"]["se"] == pytest.approx(0.25)  # sqrt(0.5 * 0.5 / 4)
+    run = lambda method, lr, seed, validation, heldout, records=8: {  # noqa: E731 — a bench/quality.py run_one result
+        "method": method, "lr": lr, "seed": seed, "validation_correct": validation, "heldout_correct": heldout,
+        "seconds": 1.0, "iterations": [{"iteration": 1, "records": records, "trained": records > 0}]}
+    v_low, v_high = [True, False], [True, True]
+    runs = {
+        # cut: the larger lr wins on validation although the smaller one is better held out (the
+        # choice never sees held-out figures)
+        "cut": {1e-5: [run("cut", 1e-5, s, v_low, [True, True, True, True]) for s in (0, 1)],
+                1e-4: [run("cut", 1e-4, 0, v_high, [True, True, False, True]),
+                       run("cut", 1e-4, 1, v_high, [True, False, False, True])]},
+        # rs_sft: a validation tie goes to the smaller lr
+        "rs_sft": {1e-5: [run("rs_sft", 1e-5, s, v_low, [False, True, True, False], 3) for s in (0, 1)],
+                   1e-4: [run("rs_sft", 1e-4, s, v_low, [True, True, True, True], 3) for s in (0, 1)]},
+        "dpo": {1e-5: [run("dpo", 1e-5, 0, v_low, [True, False, False, True], 0)], 1e-4: []},  # one seed, one lr
+    }
+    out = bench.compare_summary(base, runs, [0, 1], steps_per_iteration=4)
+    cut, sft, dpo = out["cut"], out["rs_sft"], out["dpo"]
+    assert cut["lr"] == 1e-4 and cut["accuracy"] == [0.75, 0.5] and cut["mean"] == pytest.approx(0.625)
+    assert cut["std"] == pytest.approx(0.1768, abs=1e-4) and "vs_cut" not in cut
+    assert (cut["fixed"], cut["broken"], cut["steps"], cut["records"]) == (1, 0, [4, 4], [8, 8])
+    assert cut["heldout_by_lr"] == {"1e-05": 1.0, "0.0001": 0.625} and cut["complete"]
+    assert sft["lr"] == 1e-5 and sft["validation"] == {"1e-05": 0.5, "0.0001": 0.5}
+    assert (sft["fixed"], sft["broken"]) == (4, 4)  # prompts 2, 3 fixed, 1, 4 broken, per seed
+    # paired with CUT at CUT's lr, seed by seed: 8 prompt pairs; sft right where cut is wrong: prompt 3
+    # (seed 0), prompts 2, 3 (seed 1); the reverse: prompts 1, 4 of both seeds -> (3 - 4) / 8
+    assert sft["vs_cut"]["mcnemar"] == {"cut_right_method_wrong": 4, "method_right_cut_wrong": 3}
+    assert sft["vs_cut"]["mean_difference"] == pytest.approx(-1 / 8)
+    assert dpo["steps"] == [0] and dpo["records"] == [0] and not dpo["complete"]  # no pair, no step; seed 1 missing
