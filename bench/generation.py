@@ -9,7 +9,7 @@ held-out instructions of the constraints task, rendered by the chat template exa
 renders them (sequences.plain_prompt_ids); every engine gets those token ids and decodes greedily.
 
 Engines:
-  transformers  in-process batched model.generate (cut_core.generate), --batch-size prompts a batch
+  transformers  in-process batched model.generate (cut_core.infer.generate), --batch-size prompts a batch
   openai        a vLLM OpenAI server (engines.vllm_server, its own venv .venv-vllm) on 127.0.0.1:
                 all prompts in flight at once (/v1/completions); the server's start is timed apart
   vllm          vLLM's offline LLM in a subprocess (engine='vllm'); tokens/s over its generate call,
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from cut_core import engines
+    from cut_core.infer import engines
     from cut_core.dsl import Generation
-    from cut_core.generate import load_model
+    from cut_core.infer.generate import load_model
     from tasks.generate import read_prompts
 
     model_path = Path(args.model) if args.model else None
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:  # vllm offline
             spec = Generation(engine="vllm", max_new_tokens=args.max_new_tokens, dtype="float32", max_model_len=1024)
             engine = engines.VLLMEngine(None, max_model_len=1024, dtype="float32")
-            from cut_core.sequences import plain_prompt_ids
+            from cut_core.data.sequences import plain_prompt_ids
             ids = plain_prompt_ids(tokenizer, instructions, template)
             answers = engine.generate(str(model_path), ids, engines.Sampling.of(spec))
             wall = time.perf_counter() - started

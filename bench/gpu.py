@@ -12,7 +12,7 @@ What it measures, on a model built from a config (random weights: speed does not
              (logprob_path='fused') and materialized logits, with and without gradient
              checkpointing: tokens/s (real tokens of both passes), MFU, peak memory.
   generation one online iteration's generation: greedy answers to a batch of prompts through
-             cut_core.generate (the path online iterations use): new tokens/s.
+             cut_core.infer.generate (the path online iterations use): new tokens/s.
 
 FLOPs are counted honestly, per step, useful work only (recomputation is not counted):
   linear layers  forward 2 N_body per token of both passes; the output head 2 V H per *response*
@@ -104,7 +104,7 @@ def batch_for(cfg: dict, vocab: int):
     """`pairs` CUT pairs: Align-N of `length` tokens, Misalign 64 shorter, `response` response tokens."""
     import torch
 
-    from cut_core.trainer import CUTCollator, Record
+    from cut_core.train.trainer import CUTCollator, Record
 
     g = torch.Generator().manual_seed(0)
     records = []
@@ -134,7 +134,7 @@ def step_flops(c: dict, cfg: dict, batch, *, lora: bool) -> float:
 def time_steps(model, batch, records, cfg: dict, device, *, lora: bool, path: str, checkpointing: bool) -> dict:
     import torch
 
-    from cut_core.trainer import CUTConfig, CUTTrainer, RecordDataset
+    from cut_core.train.trainer import CUTConfig, CUTTrainer, RecordDataset
 
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -179,10 +179,10 @@ def time_steps(model, batch, records, cfg: dict, device, *, lora: bool, path: st
 
 
 def generation(cfg: dict, device) -> dict:
-    """Greedy generation through cut_core.generate (the online iterations' path), bf16 on CUDA."""
+    """Greedy generation through cut_core.infer.generate (the online iterations' path), bf16 on CUDA."""
     import torch
 
-    from cut_core.generate import generate_from_ids
+    from cut_core.infer.generate import generate_from_ids
 
     model = build(cfg, device, lora=False)
     if device.type == "cuda":

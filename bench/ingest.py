@@ -1,4 +1,4 @@
-"""Ingestion speed and memory: cut_core.ingest against a plain json + pandas loop and DuckDB's floor.
+"""Ingestion speed and memory: cut_core.data.ingest against a plain json + pandas loop and DuckDB's floor.
 
     python bench/ingest.py                 # 1,000,000 synthetic triplets (~0.5 kB each)
     python bench/ingest.py --rows 100000   # quicker
@@ -8,7 +8,7 @@ Generates a JSONL file of synthetic triplets with a small fraction of bad lines 
 markers, exact duplicates, blank lines), then, in the same run and on the same file, each in
 its own subprocess so that its peak RSS (ru_maxrss) is its own:
 
-  library   cut_core.ingest.ingest_files (the code the flows run)
+  library   cut_core.data.ingest.ingest_files (the code the flows run)
   baseline  the same work written plainly: json.loads per line, validation in Python,
             warehouse.content_key per row, a pandas DataFrame, drop_duplicates, then the same
             inserts into the same warehouse tables (triplets, rejects, ingested_files)
@@ -97,7 +97,8 @@ def generate(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
 # ---------------------------------------------------------------- the two workers
 
 def run_library(data: Path, wh: Path) -> dict:
-    from cut_core import dsl, ingest, warehouse
+    from cut_core import dsl
+    from cut_core.data import ingest, warehouse
     con = warehouse.connect(wh)
     rss_before = _rss_mb()
     t0, cpu0 = time.perf_counter(), _cpu_s()
@@ -115,7 +116,8 @@ def run_baseline(data: Path, wh: Path) -> dict:
     """The straightforward implementation of the same rules, one Python step per line."""
     import pandas as pd
 
-    from cut_core import dsl, warehouse
+    from cut_core import dsl
+    from cut_core.data import warehouse
     con = warehouse.connect(wh)
     rss_before = _rss_mb()
     t0, cpu0 = time.perf_counter(), _cpu_s()

@@ -18,7 +18,7 @@ import sys
 import time
 
 from cut_core import dsl
-from cut_core.judges import build_judge, usage_totals
+from cut_core.judge import build_judge, usage_totals
 
 PAIRS = [("What is 12 + 7?", "19"), ("What is 45 + 38?", "73"), ("Name the capital of France.", "Paris"),
          ("What is 9 + 9?", "17"), ("Translate 'cat' to French.", "chien"), ("What is 30 + 12?", "42")]

@@ -36,8 +36,8 @@ def sample_feedback(model_path: str, prompts_file: Path, problems: int, samples:
     import polars as pl
     import torch
 
-    from cut_core.demo_task import judge
-    from cut_core.generate import generate, load_model
+    from cut_core.tasks.arithmetic import judge
+    from cut_core.infer.generate import generate, load_model
 
     instructions = pl.read_ndjson(prompts_file)["instruction"].head(problems).to_list()
     model, tokenizer = load_model(model_path)

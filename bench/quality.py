@@ -1,5 +1,5 @@
 """Quality benchmark, fair by construction: CUT against nine other ways to learn from the same
-verifier, on the demo task (2-digit additions; cut_core/demo_task.py).
+verifier, on the demo task (2-digit additions; cut_core/tasks/arithmetic.py).
 
 Every method starts from the demo's warm-started base model and runs the same online loop:
 K iterations, each on P new problems (never reused), the model answering with its current
@@ -94,7 +94,7 @@ class Task:
     adapter     a dsl.LoRA, or None for full fine-tuning (then training.full_finetune must hold)
     device      where answers are generated ("cpu", or None: CUDA when there is one)
     greedy_fn   optional fast greedy decoder (model, tokenizer, instructions) -> answers; None:
-                cut_core.generate.generate with the settings above
+                cut_core.infer.generate.generate with the settings above
     controls    optional (control, instructions, responses, seed) -> judgments (swapped, terse,
                 ...); None: the task has no controls and only the verifier's judgments exist
     """
@@ -120,7 +120,7 @@ class Task:
         count as stopped (the demo's: a number and EOS within 6 tokens)."""
         if self.greedy_fn is not None:
             return self.greedy_fn(model, tokenizer, instructions), [True] * len(instructions)
-        from cut_core.generate import generate_ended
+        from cut_core.infer.generate import generate_ended
 
         return generate_ended(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
                               batch_size=self.generation_batch_size, greedy=True, template=self.template)
@@ -131,7 +131,7 @@ class Task:
 
     def sample_ended(self, model, tokenizer, instructions: list[str]) -> tuple[list[str], list[bool]]:
         """sample(), and per answer whether the model stopped within max_new_tokens."""
-        from cut_core.generate import generate_ended
+        from cut_core.infer.generate import generate_ended
 
         return generate_ended(model, tokenizer, instructions, max_new_tokens=self.max_new_tokens,
                               batch_size=self.generation_batch_size, greedy=False, template=self.template)
@@ -148,7 +148,7 @@ class Task:
 def demo_task() -> Task:
     """The demo's 2-digit additions: its verifier and controls, alpaca prompts, 6 answer tokens,
     full fine-tuning, CUT at lambda 1.1 / alpha 1 with a quarter of the positives as Align-P, on CPU."""
-    from cut_core import demo_task as dt
+    from cut_core.tasks import arithmetic as dt
     from cut_core.dsl import CUT
 
     return Task(name="demo", judge=dt.judge, correct=dt.is_correct,
@@ -166,7 +166,7 @@ def read_instructions(path: Path) -> list[str]:
 
 def correctness(model_path: str, instructions: list[str], task: Task | None = None) -> list[bool]:
     """Greedy answers of the model, verifier-checked, one bool per problem."""
-    from cut_core.generate import load_model
+    from cut_core.infer.generate import load_model
 
     task = task or demo_task()
     model, tokenizer = load_model(model_path, device=task.device)
@@ -199,7 +199,7 @@ def sampled(model_path: str, instructions: list[str], k: int, seed: int,
     within the length limit."""
     import torch
 
-    from cut_core.generate import load_model
+    from cut_core.infer.generate import load_model
 
     task = task or demo_task()
     model, tokenizer = load_model(model_path, device=task.device)
@@ -219,11 +219,11 @@ def sampled(model_path: str, instructions: list[str], k: int, seed: int,
 def iteration_data(method: str, model_path: str, prompts: list[str], out: Path, *, seed: int, k: int,
                    control: str | None, task: Task | None = None) -> tuple[str, Path | None, dict]:
     """What `method` trains on this iteration: ("examples" | "pairs", file or None, stats)."""
-    from cut_core.contrast import materialize, read_stats
+    from cut_core.data.contrast import materialize, read_stats
     from cut_core.dsl import ILFDPO, ILFMLE, SelfDistill, parse_objective
-    from cut_core.generate import load_model
-    from cut_core.preference import materialize_pairs
-    from cut_core.refine import ModelRefiner
+    from cut_core.infer.generate import load_model
+    from cut_core.data.preference import materialize_pairs
+    from cut_core.infer.refine import ModelRefiner
     from transformers import AutoTokenizer
 
     task = task or demo_task()
@@ -270,8 +270,8 @@ def _unlikelihood_trainer():
     to detection. Align-P records stay NLL."""
     import torch
 
-    from cut_core.loss import log1m_exp, masked_nll
-    from cut_core.trainer import CUTTrainer
+    from cut_core.train.loss import log1m_exp, masked_nll
+    from cut_core.train.trainer import CUTTrainer
 
     class AllTokensUnlikelihood(CUTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -295,7 +295,7 @@ def train_iteration(method: str, kind: str, data: Path, model_path: str, out: Pa
     from transformers import AutoTokenizer
 
     from cut_core.dsl import DPO
-    from cut_core.trainer import (CUTConfig, CUTTrainer, RecordDataset, load_model, load_records, save_final,
+    from cut_core.train.trainer import (CUTConfig, CUTTrainer, RecordDataset, load_model, load_records, save_final,
                                   training_arguments)
 
     task = task or demo_task()
@@ -309,7 +309,7 @@ def train_iteration(method: str, kind: str, data: Path, model_path: str, out: Pa
     from transformers import set_seed
     set_seed(seed)
     if kind == "pairs":
-        from cut_core.dpo import build_trainer
+        from cut_core.train.dpo import build_trainer
 
         trainer = build_trainer(model_path=model_path, pairs_path=str(data), checkpoints=out / "checkpoints",
                                 objective=DPO(), adapter=task.adapter, training=training,
@@ -350,7 +350,7 @@ def run_one(method: str, lr: float, seed: int, *, base: str, train_prompts: list
             model_path = train_iteration(method, kind, data, model_path, root / f"iter-{it}", lr=lr, seed=seed,
                                          steps=steps, training=training, task=task)
         log.append({"iteration": it, **stats, "trained": data is not None})
-    from cut_core.generate import load_model
+    from cut_core.infer.generate import load_model
 
     model, tokenizer = load_model(model_path, device=task.device)  # once for every split
     result = {"method": method, "control": control, "lr": lr, "seed": seed, "iterations": log,
@@ -449,7 +449,7 @@ def main() -> None:
 
     import torch
 
-    from cut_core.demo_task import build_base_model
+    from cut_core.tasks.arithmetic import build_base_model
     from flows.demo import demo_pipeline
 
     torch.set_num_threads(args.threads)

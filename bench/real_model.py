@@ -118,7 +118,7 @@ def stage_times(root: Path) -> dict[str, float]:
 
 def satisfaction(eval_dir: Path) -> list[bool]:
     """Per held-out prompt: did the response meet every constraint (recomputed by the verifier)."""
-    from cut_core import constraints_task as ct
+    from cut_core.tasks import constraints as ct
 
     samples = json.loads((eval_dir / "samples.json").read_text())
     return [ct.is_satisfied(s["instruction"], s["response"]) for s in samples]
@@ -183,10 +183,10 @@ def constraints_task(pipeline, setting: dict):
     """The constraints task as bench/quality.py's loop runs it: the declaration's verifier, chat
     template, CUT section and LoRA adapter; this setting's lengths; CUDA when there is one."""
     from bench.quality import Task
-    from cut_core import constraints_task as ct
+    from cut_core.tasks import constraints as ct
 
-    if pipeline.judge.callable != "cut_core.constraints_task:judge":
-        raise SystemExit(f"error: the comparison scores with cut_core.constraints_task; the declaration's judge "
+    if pipeline.judge.callable != "cut_core.tasks.constraints:judge":
+        raise SystemExit(f"error: the comparison scores with cut_core.tasks.constraints; the declaration's judge "
                          f"is {pipeline.judge.callable}")
     return Task(name="constraints", judge=ct.judge, correct=ct.is_satisfied, cut=pipeline.objective,
                 template=pipeline.model.template, max_length=setting["max_length"],
@@ -305,10 +305,10 @@ def flags(name: str, setting: dict, workdir: Path, model_path: Path) -> dict:
     from collections import Counter
 
     from bench.quality import read_instructions
-    from cut_core import constraints_task as ct
+    from cut_core.tasks import constraints as ct
     from cut_core.dsl import load_pipeline
-    from cut_core.evaluate import token_flags, token_texts
-    from cut_core.generate import generate_ended, load_model
+    from cut_core.infer.evaluate import token_flags, token_texts
+    from cut_core.infer.generate import generate_ended, load_model
 
     declared = load_pipeline(ROOT / "pipelines" / "smollm2_constraints_online.py")
     pipeline = sized(declared, setting, workdir, model_path, f"flags-{name}")

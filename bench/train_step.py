@@ -64,8 +64,8 @@ DATA = REPO.parent / "shared/data/cut-online/iter1.json"
 # ---------------------------------------------------------------- real data -> records
 
 def real_records(tokenizer, max_length: int = 2048, seed: int = 42):
-    from cut_core import templates
-    from cut_core.trainer import Record
+    from cut_core.data import templates
+    from cut_core.train.trainer import Record
 
     rows = [r for r in json.loads(DATA.read_text()) if r["judgment"] != "$ERROR$"]
     negatives = [r for r in rows if r["judgment"]]
@@ -73,7 +73,7 @@ def real_records(tokenizer, max_length: int = 2048, seed: int = 42):
     random.Random(seed).shuffle(positives)
     positives = positives[: len(negatives) // 4]
 
-    from cut_core import sequences
+    from cut_core.data import sequences
 
     bos = sequences.bos_to_add(tokenizer)
 
@@ -103,7 +103,7 @@ def real_records(tokenizer, max_length: int = 2048, seed: int = 42):
 # ---------------------------------------------------------------- (b) padding
 
 def padding(records, micro: int, accum: int, padding_free: bool = False, seed: int = 42) -> float:
-    from cut_core.trainer import CUTCollator, LengthGroupedRecordSampler, padding_efficiency
+    from cut_core.train.trainer import CUTCollator, LengthGroupedRecordSampler, padding_efficiency
 
     order = list(LengthGroupedRecordSampler([r.sort_length for r in records], micro * accum, seed))
     collate = CUTCollator(padding_free=padding_free)
@@ -134,7 +134,7 @@ def step_times(model_dir: Path, records, *, micro: int = 4, batches: int = 6, re
     from transformers import AutoModelForCausalLM
 
     from cut_core.dsl import LoRA
-    from cut_core.trainer import CUTCollator, CUTConfig, CUTTrainer, RecordDataset, load_model
+    from cut_core.train.trainer import CUTCollator, CUTConfig, CUTTrainer, RecordDataset, load_model
 
     # Short records only: CPU time. The same batches feed every method.
     short = sorted((r for r in records if len(r.judged_ids or r.plain_ids) <= max_len), key=lambda r: r.sort_length)
@@ -203,7 +203,7 @@ def step_times(model_dir: Path, records, *, micro: int = 4, batches: int = 6, re
 MEMORY_CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[2])
-from cut_core.loss import gold_logprobs
+from cut_core.train.loss import gold_logprobs
 method = sys.argv[1]
 B, T, V = 4, 2048, 32000
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,7 +256,7 @@ mode, vocab, path, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys
 torch.set_num_threads(threads)
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from cut_core.trainer import CUTCollator, CUTConfig, CUTTrainer, Record, RecordDataset
+from cut_core.train.trainer import CUTCollator, CUTConfig, CUTTrainer, Record, RecordDataset
 
 T, RESPONSE, JUDGMENT = 2048, 1024, 64
 torch.manual_seed(0)
@@ -342,7 +342,7 @@ def main() -> None:
     import torch
 
     from cut_core.dsl import Training
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
 
     if not DATA.exists():
         sys.exit(f"missing {DATA}: the benchmark reads the real cut-online data")

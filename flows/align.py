@@ -23,11 +23,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from cut_core import warehouse as wh
-from cut_core import lineage
+from cut_core.data import warehouse as wh
+from cut_core.models import lineage
 from cut_core.dsl import Pipeline
 from cut_core.errors import UserError
-from cut_core.evaluate import EvaluationRefused
+from cut_core.infer.evaluate import EvaluationRefused
 from cut_core.files import run_lock
 from tasks import tracking
 from tasks.evaluate import evaluate_model
@@ -183,8 +183,8 @@ def train_config(pipeline: Pipeline, model_path: str, examples: str, start_ref: 
     carries cut_align_lineage.json) continues that version's adapter on the same base
     (`init_adapter`): every LoRA version is "base + ONE adapter", never a chain of merges.
     `start_ref`: the registry reference of `model_path` when it is a registered full-weight version."""
-    from cut_core.lineage import read_lineage
-    from cut_core.weights import weights_digest
+    from cut_core.models.lineage import read_lineage
+    from cut_core.models.weights import weights_digest
 
     lineage = read_lineage(model_path) if not pipeline.training.full_finetune else None
     extra: dict = {"base_ref": start_ref} if start_ref else {}
@@ -236,7 +236,7 @@ def train_evaluate_register(pipeline_json: str, root: Path, iteration: int, mode
     if trained.get("adapter"):
         tracking.log_artifacts(run_id, trained["adapter"], "adapter")
         # A serving engine generates from this iteration by loading its adapter on the base it
-        # serves (cut_core.engines): the merged folder says which base + adapter it is.
+        # serves (cut_core.infer.engines): the merged folder says which base + adapter it is.
         lineage.ensure_lineage(trained["merged"], model_path, trained["adapter"])
 
     result = {"iteration": iteration, "model": trained["merged"], "metrics": {}}

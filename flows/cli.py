@@ -62,7 +62,7 @@ def describe(pipeline) -> str:
     lines.append(f"  objective   {objective_summary(p.objective)}")
     lines.append("  adapter     " + ("full fine-tune" if p.training.full_finetune else
                                      f"LoRA r={p.adapter.r} alpha={p.adapter.alpha} on {p.adapter.target_modules}"))
-    from cut_core.launch import describe as describe_launch
+    from cut_core.train.launch import describe as describe_launch
 
     t = p.training
     lines.append(f"  launch      {describe_launch(p.launch)}")
@@ -85,7 +85,7 @@ def describe(pipeline) -> str:
 
 def missing_extra(pipeline) -> str | None:
     """What the declaration needs that this install lacks (the TRL extra for dpo/ilf_dpo)."""
-    from cut_core.dpo import INSTALL_HINT, require_trl
+    from cut_core.train.dpo import INSTALL_HINT, require_trl
 
     if pipeline.objective.preference_pairs:
         try:
@@ -191,9 +191,9 @@ def cmd_ingest(args) -> int:
     from pydantic import ValidationError
 
     from cut_core.dsl import Source
-    from cut_core.ingest.report import IngestError, RejectRateExceeded
-    from cut_core.ingest.sources import check_sources
-    from cut_core.warehouse import WarehouseBusy
+    from cut_core.data.ingest.report import IngestError, RejectRateExceeded
+    from cut_core.data.ingest.sources import check_sources
+    from cut_core.data.warehouse import WarehouseBusy
     try:
         check_sources([Source(paths=list(args.paths), columns=parse_map(args.map), delimiter=args.delimiter,
                               format=args.format)])
@@ -234,7 +234,7 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
     texts = Path(args.texts).read_text().splitlines() if args.texts else None
     out = make_tiny_model(args.out, texts)
     print(f"tiny model and tokenizer saved to {out}")

@@ -23,11 +23,11 @@ import sys
 
 from prefect import flow, get_run_logger
 
-from cut_core import warehouse as wh
+from cut_core.data import warehouse as wh
 from cut_core.dsl import DEFAULT_MAX_RECORD_BYTES, Polarity, Source
-from cut_core.ingest.report import IngestReport, check_reject_rate, default_batch
-from cut_core.ingest.run import ingest_sources
-from cut_core.ingest.sources import check_sources
+from cut_core.data.ingest.report import IngestReport, check_reject_rate, default_batch
+from cut_core.data.ingest.run import ingest_sources
+from cut_core.data.ingest.sources import check_sources
 from tasks.ingest import ingest_source, publish_ingest_report
 
 
@@ -39,7 +39,7 @@ def ingest_flow(sources: list[dict], warehouse: str, max_reject_rate: float = 0.
     sources: DSL `Source` declarations as dicts (`Source.model_dump(mode="json")`): paths or
         globs, format, column mapping, polarity rule, labeled.
     warehouse: the DuckDB file (created with its schema when missing).
-    max_reject_rate: fraction 0..1; above it the flow raises `cut_core.ingest.RejectRateExceeded`
+    max_reject_rate: fraction 0..1; above it the flow raises `cut_core.data.ingest.RejectRateExceeded`
         (its `.report` is the dict below) after publishing the counts.
     batch: the name written on every row of this run (default: "ingest-<UTC timestamp>").
     max_record_bytes: records longer than this are rejected as oversized.
@@ -79,8 +79,8 @@ def run_ingest(paths: list[str], warehouse: str, column_map: dict[str, str] | No
         column (map it with column_map) is at least this are positive (Polarity.score_column).
     use_prefect: True runs `ingest_flow` (a Prefect flow run with its artifact); False runs the
         same library code directly, with no Prefect server (for scripts and notebooks).
-    Returns the report dict of `ingest_flow`. Raises `cut_core.ingest.RejectRateExceeded`
-    (`.report` holds the same dict) above `max_reject_rate`, `cut_core.ingest.IngestError`
+    Returns the report dict of `ingest_flow`. Raises `cut_core.data.ingest.RejectRateExceeded`
+    (`.report` holds the same dict) above `max_reject_rate`, `cut_core.data.ingest.IngestError`
     when a path matches no file or a file cannot be read, and `WarehouseBusy` when another
     process keeps the warehouse open for writing.
     """

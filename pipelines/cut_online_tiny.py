@@ -10,7 +10,7 @@ pipeline = Pipeline(
     name="cut-online-tiny",
     workdir="../work/cut-online-tiny",
     sources=[Source(paths=["../../shared/data/cut-online/iter1.json"])],
-    model=Model(path="../work/tiny-model", build="cut_core.tiny:make_tiny_model", max_length=512),
+    model=Model(path="../work/tiny-model", build="cut_core.models.tiny:make_tiny_model", max_length=512),
     objective=CUT(threshold=1.1, alpha=1.0),
     adapter=LoRA(r=16, alpha=16, dropout=0.05),
     training=Training(learning_rate=1e-3, epochs=1, micro_batch_size=4, gradient_accumulation=2,

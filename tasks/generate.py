@@ -13,9 +13,9 @@ import polars as pl
 from prefect import task
 from prefect.logging import get_run_logger
 
-from cut_core import templates
-from cut_core import engines
-from cut_core import warehouse as wh
+from cut_core.data import templates
+from cut_core.infer import engines
+from cut_core.data import warehouse as wh
 from cut_core.dsl import Generation
 
 

@@ -4,7 +4,7 @@
     publish_ingest_report  the counts as a Prefect table artifact (one row per file + a total)
 
 Thin on purpose: reading, validation, deduplication and the reject-rate gate live in
-`cut_core.ingest`. What the orchestrator adds: the warehouse connection is opened and closed
+`cut_core.data.ingest`. What the orchestrator adds: the warehouse connection is opened and closed
 inside the task (DuckDB allows one writer process, so nothing holds it between stages), a
 retry when another process holds the warehouse, and the artifact. Inputs and outputs are
 JSON (source declarations, paths, report dicts), never connections or frames.
@@ -15,10 +15,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from cut_core import warehouse as wh
+from cut_core.data import warehouse as wh
 from cut_core.dsl import DEFAULT_MAX_RECORD_BYTES, Source
-from cut_core.ingest.report import REASONS, IngestReport, check_reject_rate
-from cut_core.ingest.run import ingest_sources
+from cut_core.data.ingest.report import REASONS, IngestReport, check_reject_rate
+from cut_core.data.ingest.run import ingest_sources
 from tasks.logs import task_logger
 
 

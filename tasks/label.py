@@ -4,7 +4,7 @@
     judge_pairs       online: this iteration's generations are judged and become triplets
 
 Thin on purpose: the work (caching by judge + content, retries per HTTP call, failures kept
-apart from negatives) lives in `cut_core.judges`. These tasks add what only the orchestrator
+apart from negatives) lives in `cut_core.judge`. These tasks add what only the orchestrator
 knows: Prefect Secret blocks for API keys, task-level retries, and a loud failure when most
 calls failed (a wrong key or a dead endpoint should stop the flow, not train on nothing).
 """
@@ -17,11 +17,11 @@ import polars as pl
 from prefect import task
 
 from cut_core.dsl import Pipeline
-from cut_core.judges import Judge, build_judge, label_pending
-from cut_core.polarity import judge_rules
-from cut_core import warehouse as wh
-from cut_core.warehouse import connect
-from cut_core.warehouse import triplet_sources as warehouse_sources
+from cut_core.judge import Judge, build_judge, label_pending
+from cut_core.data.polarity import judge_rules
+from cut_core.data import warehouse as wh
+from cut_core.data.warehouse import connect
+from cut_core.data.warehouse import triplet_sources as warehouse_sources
 from tasks.logs import task_logger
 
 

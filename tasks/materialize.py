@@ -1,5 +1,5 @@
-"""Prefect task: warehouse triplets -> examples Parquet (cut_core.contrast.materialize), or
-preference pairs for dpo/ilf_dpo (cut_core.preference.materialize_pairs).
+"""Prefect task: warehouse triplets -> examples Parquet (cut_core.data.contrast.materialize), or
+preference pairs for dpo/ilf_dpo (cut_core.data.preference.materialize_pairs).
 
 Thin on purpose: read the labeled triplets with a read-only DuckDB connection (so it never
 waits on, or blocks, the warehouse's single writer), load the model's tokenizer, pick the
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from prefect import task
 
-from cut_core import contrast, preference
-from cut_core import warehouse as wh
-from cut_core.contrast import RefineFn
+from cut_core.data import contrast, preference
+from cut_core.data import warehouse as wh
+from cut_core.data.contrast import RefineFn
 from cut_core.dsl import ILFDPO, ILFMLE, ObjectiveSection, import_callable, parse_objective
 from tasks.logs import task_logger
 
@@ -26,7 +26,7 @@ def refiner_for(objective: ObjectiveSection, model_path: str, template: str) -> 
     if not isinstance(objective, (ILFMLE, ILFDPO)) or objective.refiner is None:
         return None, None
     if objective.refiner == "model":
-        from cut_core.refine import ModelRefiner
+        from cut_core.infer.refine import ModelRefiner
 
         refiner = ModelRefiner(model_path, template=template, max_new_tokens=objective.refine_max_new_tokens)
         return refiner, refiner.name

@@ -1,7 +1,7 @@
 """The prepare-model task: build the base model a declaration names when its folder is missing.
 
 A declaration's `model.build` ("module:function") makes the model to align in `model.path`
-(the demo's warm start, cut_core.demo_task.build_base_model, takes most of the demo's wall
+(the demo's warm start, cut_core.tasks.arithmetic.build_base_model, takes most of the demo's wall
 time). As a task it shows in Prefect with its own state and logs: a builder that takes a
 `log` argument gets the task's logger and reports its progress there.
 """

@@ -4,7 +4,7 @@
                            finished round of the same pipeline trained on
     mark_round_trained     record the registered version the round trained on them
 
-Thin on purpose: the SQL lives in `cut_core.warehouse` (select_round, round_trained). The flow
+Thin on purpose: the SQL lives in `cut_core.data.warehouse` (select_round, round_trained). The flow
 stores the selection's counts as a stage, so a resumed round trains on the same triplets even if
 files arrived meanwhile (the ids themselves are kept in the warehouse table round_triplets).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from cut_core import warehouse as wh
+from cut_core.data import warehouse as wh
 from tasks.logs import task_logger
 
 

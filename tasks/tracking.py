@@ -2,7 +2,7 @@
 nested run per iteration, one registered model whose versions carry aliases.
 
 Models are handed on through the registry: every version is tagged with the sha256 of its
-weights (cut_core.weights), and `resolve_model` turns a version or an alias into a verified
+weights (cut_core.models.weights), and `resolve_model` turns a version or an alias into a verified
 local folder, downloading the version's artifacts when this machine lacks them.
 
 Why SQLite: MLflow 3 refuses the plain file store. Why an explicit artifact location: with
@@ -24,19 +24,19 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from cut_core.judges import score_refusal  # noqa: E402
+from cut_core.judge import score_refusal  # noqa: E402
 
 from cut_core.errors import UserError  # noqa: E402
 from cut_core.files import build_dir  # noqa: E402
-from cut_core.lineage import merge_adapter, read_lineage  # noqa: E402
-from cut_core.weights import adapter_digest, weights_digest  # noqa: E402
+from cut_core.models.lineage import merge_adapter, read_lineage  # noqa: E402
+from cut_core.models.weights import adapter_digest, weights_digest  # noqa: E402
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-DIGEST_TAG = "weights_sha256"   # cut_core.weights.weights_digest of the version's model folder
+DIGEST_TAG = "weights_sha256"   # cut_core.models.weights.weights_digest of the version's model folder
 LOCAL_TAG = "local_model"       # where the version's folder was written: a cache hint, verified before use
 # A LoRA version is registered as its adapter (adapter folder + tokenizer), not a merged copy:
 KIND_TAG = "cut_align.kind"     # "adapter" (base + adapter) or "weights" (a full model folder)
-ADAPTER_TAG = "adapter_sha256"  # cut_core.weights.adapter_digest of the registered adapter folder
+ADAPTER_TAG = "adapter_sha256"  # cut_core.models.weights.adapter_digest of the registered adapter folder
 BASE_DIGEST_TAG = "base_sha256"  # weights_digest of the base the adapter applies to
 BASE_PATH_TAG = "base_model"    # the base's absolute path on the machine that trained it
 BASE_REF_TAG = "base_ref"       # the base's registry reference (models:/NAME/V) when it is a registered version

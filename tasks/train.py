@@ -1,8 +1,8 @@
-"""The train task: launches `python -m cut_core.train_cli` in a subprocess.
+"""The train task: launches `python -m cut_core.train.cli` in a subprocess.
 
 Why a subprocess: a Prefect timeout cannot stop a thread, a crashed CUDA context cannot take
 the orchestrator down with it, and the same command line scales out under `torchrun` or
-`accelerate launch` (the declaration's `launch` section, or CUT_ALIGN_LAUNCHER: cut_core/launch.py).
+`accelerate launch` (the declaration's `launch` section, or CUT_ALIGN_LAUNCHER: cut_core/train/launch.py).
 The subprocess writes checkpoints with completion markers; launching it again on the same
 output folder resumes from the last complete checkpoint, or does nothing if it finished.
 A deterministic error (exit code USER_ERROR: a bad config, LoRA targets that match nothing,
@@ -22,8 +22,8 @@ from prefect import task
 
 from cut_core.errors import UserError
 from cut_core.files import write_text_atomic
-from cut_core.launch import LAUNCHER_ENV, describe, launch_command
-from cut_core.train_cli import USER_ERROR
+from cut_core.train.launch import LAUNCHER_ENV, describe, launch_command
+from cut_core.train.cli import USER_ERROR
 from tasks.logs import task_logger
 
 HISTORY, PROGRESS = "log_history.jsonl", "progress.json"

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_trainer import make_rows  # noqa: E402
 
-from cut_core.trainer import CUTCollator, CUTConfig, CUTTrainer, records_from_rows  # noqa: E402
+from cut_core.train.trainer import CUTCollator, CUTConfig, CUTTrainer, records_from_rows  # noqa: E402
 
 
 def loss_of(model, records, n_global: int, args: CUTConfig) -> torch.Tensor:

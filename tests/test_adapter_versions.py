@@ -14,12 +14,12 @@ import pytest
 import torch
 from test_trainer import _Crash, assert_same_history, config_for, history, make_rows, model_dir, write_examples  # noqa: F401
 
-from cut_core import train_cli
+from cut_core.train import cli as train_cli
 from cut_core.dsl import LoRA
 from cut_core.errors import UserError
-from cut_core.lineage import read_lineage
-from cut_core.trainer import load_model
-from cut_core.weights import adapter_digest, weights_digest
+from cut_core.models.lineage import read_lineage
+from cut_core.train.trainer import load_model
+from cut_core.models.weights import adapter_digest, weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_an_adapter_version_is_stored_as_its_adapter_and_rebuilt_on_demand(first
     # the copied merged folder's lineage points at the original adapter: point it at the copy
     from dataclasses import replace
 
-    from cut_core.lineage import write_lineage
+    from cut_core.models.lineage import write_lineage
     write_lineage(out / "merged", replace(read_lineage(out / "merged"), adapter=str((out / "adapter").resolve())))
     registered = register_run(store, "adapter-model", out)
     tags = store.use_store().get_model_version("adapter-model", str(registered["version"])).tags
@@ -168,7 +168,7 @@ def test_adapter_version_errors_are_one_line_with_the_fix(first_version, base_co
     out = Path(shutil.copytree(first_version, tmp_path / "run"))
     from dataclasses import replace
 
-    from cut_core.lineage import write_lineage
+    from cut_core.models.lineage import write_lineage
     write_lineage(out / "merged", replace(read_lineage(out / "merged"), adapter=str((out / "adapter").resolve())))
     registered = register_run(store, "adapter-errors", out)
     shutil.rmtree(out)
@@ -203,7 +203,7 @@ def test_readme_one_liner_loads_an_adapter_version(first_version, base_copy, sto
     out = Path(shutil.copytree(first_version, tmp_path / "run"))
     from dataclasses import replace
 
-    from cut_core.lineage import write_lineage
+    from cut_core.models.lineage import write_lineage
     write_lineage(out / "merged", replace(read_lineage(out / "merged"), adapter=str((out / "adapter").resolve())))
     register_run(store, "readme-adapter", out)
     expected = logits(AutoModelForCausalLM.from_pretrained(str(out / "merged")))
@@ -219,8 +219,8 @@ def test_readme_one_liner_loads_an_adapter_version(first_version, base_copy, sto
 
 @pytest.fixture(scope="module")
 def demo_tiny(tmp_path_factory):
-    from cut_core.demo_task import tokenizer_corpus
-    from cut_core.tiny import make_tiny_model
+    from cut_core.tasks.arithmetic import tokenizer_corpus
+    from cut_core.models.tiny import make_tiny_model
     return make_tiny_model(tmp_path_factory.mktemp("demo") / "base", tokenizer_corpus(n=300), vocab_size=256)
 
 

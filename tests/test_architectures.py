@@ -17,11 +17,11 @@ import polars as pl
 import pytest
 import torch
 
-from cut_core import train_cli
-from cut_core.contrast import materialize
+from cut_core.train import cli as train_cli
+from cut_core.data.contrast import materialize
 from cut_core.dsl import CUT
 from cut_core.models import inspect_model, lora_targets, meta_model
-from cut_core.tiny import make_tiny_model
+from cut_core.models.tiny import make_tiny_model
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "phi"]
 MLP = {"llama": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"], "gpt2": ["mlp.c_fc", "mlp.c_proj"],
@@ -46,7 +46,7 @@ def test_default_lora_trains_merges_and_generates(arch_model, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cut_core.generate import generate
+    from cut_core.infer.generate import generate
 
     arch, model_dir = arch_model
     assert inspect_model(model_dir, max_length=128) == []

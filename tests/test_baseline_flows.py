@@ -35,7 +35,7 @@ def scored_source(tmp_path) -> Path:
 
 @pytest.fixture
 def tiny_model(tmp_path):
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
     texts = [f"What is {i} + {j}? {i + j}. The sum is off by one." for i in range(10) for j in range(10)]
     return make_tiny_model(tmp_path / "tiny", texts, vocab_size=400)
 

@@ -53,7 +53,7 @@ def test_a_deterministic_training_failure_is_one_line_and_not_retried(tmp_path):
     declaration.write_text(textwrap.dedent("""
         from cut_core.dsl import *
         pipeline = Pipeline(name="bad-targets", workdir="work", sources=[Source(paths=["data.jsonl"])],
-                            model=Model(path="tiny", max_length=128, build="cut_core.tiny:make_tiny_model"),
+                            model=Model(path="tiny", max_length=128, build="cut_core.models.tiny:make_tiny_model"),
                             adapter=LoRA(target_modules=["nonexistent_proj"]),
                             training=Training(micro_batch_size=2, gradient_accumulation=1, warmup_steps=0))
     """))

@@ -1,4 +1,4 @@
-"""cut_core.templates + cut_core.contrast (+ tasks.materialize) prove:
+"""cut_core.data.templates + cut_core.data.contrast (+ tasks.materialize) prove:
 - the Alpaca strings are METHOD.md §3's, byte for byte; the chat variant puts the judgment in
   its own block of the user turn and never doubles BOS;
 - the examples Parquet follows docs/architecture.md: exact columns and types, every align_n has
@@ -22,11 +22,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cut_core import templates
-from cut_core.contrast import EXAMPLE_SCHEMA, examples_digest, materialize, read_stats
+from cut_core.data import templates
+from cut_core.data.contrast import EXAMPLE_SCHEMA, examples_digest, materialize, read_stats
 from cut_core.dsl import CUT, ForwardPrediction, Hindsight, ILFMLE, SFT
-from cut_core.tiny import make_tiny_model
-from cut_core.warehouse import content_key
+from cut_core.models.tiny import make_tiny_model
+from cut_core.data.warehouse import content_key
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
@@ -300,7 +300,7 @@ def test_no_labeled_rows_writes_an_empty_file(tok, tmp_path):
 # ---------------------------------------------------------------- the Prefect task
 
 def test_task_reads_warehouse(tok, tmp_path):
-    from cut_core import warehouse as wh
+    from cut_core.data import warehouse as wh
     from tasks.materialize import materialize_examples
 
     db = tmp_path / "warehouse.duckdb"
@@ -359,7 +359,7 @@ def test_real_cut_online_iter1(tok, tmp_path):
 def test_a_refiner_object_enters_the_digest_by_its_name_not_its_address():
     """A ModelRefiner is an object, not a function: its repr holds a memory address, which gave the
     same refinements a new examples file in every process. Its `name` (the weights' fingerprint) is used."""
-    from cut_core.contrast import refiner_name
+    from cut_core.data.contrast import refiner_name
 
     class Refiner:
         def __init__(self, name):

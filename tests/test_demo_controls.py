@@ -5,7 +5,7 @@ problem's judgment (never its own problem's), reproducibly by seed."""
 
 import pytest
 
-from cut_core.demo_task import (CONTROLS, TERSE_JUDGMENT, control_judgments, judge, judge_digit_only,
+from cut_core.tasks.arithmetic import (CONTROLS, TERSE_JUDGMENT, control_judgments, judge, judge_digit_only,
                                 judge_terse, swap_judgments)
 
 PROBLEMS = ["What is 17 + 28?", "What is 11 + 12?", "What is 39 + 45?", "What is 55 + 36?", "What is 23 + 19?"]

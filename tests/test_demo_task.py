@@ -1,4 +1,4 @@
-"""The arithmetic demo task (cut_core.demo_task) and its bundled data.
+"""The arithmetic demo task (cut_core.tasks.arithmetic) and its bundled data.
 
 Proves: the verifier judges right answers positive (None) and, for wrong ones, names the wrong
 digit and the reason without repeating the wrong answer; `is_correct` agrees with it; the
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cut_core import demo_task as dt
-from cut_core import templates
+from cut_core.tasks import arithmetic as dt
+from cut_core.data import templates
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "datasets" / "arithmetic"
@@ -140,7 +140,7 @@ def test_online_settings_are_valid_dsl_sections():
         training=Training(**s["training"]),
         online=Online(prompts=str(DATA / "online.jsonl"), **s["online"]),
         evaluation=Evaluation(heldout=str(DATA / "heldout.jsonl"), **s["evaluation"]),
-        judge={"kind": "function", "callable": "cut_core.demo_task:judge"})
+        judge={"kind": "function", "callable": "cut_core.tasks.arithmetic:judge"})
     assert isinstance(pipeline.objective, CUT) and pipeline.online.iterations >= 2
     # every iteration takes new prompts: the bundled online file must hold them all
     assert pipeline.online.iterations * pipeline.online.prompts_per_iteration <= dt.N_ONLINE

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cut_core import train_cli
+from cut_core.train import cli as train_cli
 from cut_core.dsl import Launch
-from cut_core.launch import launch_command
+from cut_core.train.launch import launch_command
 from tasks.train import TrainingConfigError, launch_training
 from test_trainer import assert_same_history, config_for, history, make_rows, model_dir, write_examples  # noqa: F401
 
@@ -35,12 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_launch_section_becomes_the_command(monkeypatch, tmp_path):
     monkeypatch.delenv("CUT_ALIGN_LAUNCHER", raising=False)
     cfg = tmp_path / "c.json"
-    assert launch_command(cfg, None, python="py") == ["py", "-m", "cut_core.train_cli", str(cfg)]
+    assert launch_command(cfg, None, python="py") == ["py", "-m", "cut_core.train.cli", str(cfg)]
     assert launch_command(cfg, Launch(processes=4), python="py") == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "cut_core.train_cli", str(cfg)]
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "cut_core.train.cli", str(cfg)]
     assert launch_command(cfg, Launch(processes=2, accelerate_config="/c/fsdp2.yaml"), python="py") == [
         "py", "-m", "accelerate.commands.launch", "--config_file", "/c/fsdp2.yaml", "--num_processes", "2",
-        "-m", "cut_core.train_cli", str(cfg)]
+        "-m", "cut_core.train.cli", str(cfg)]
     monkeypatch.setenv("CUT_ALIGN_LAUNCHER", "torchrun --nnodes 2 --node-rank 1")
     assert launch_command(cfg, Launch(processes=4))[:5] == ["torchrun", "--nnodes", "2", "--node-rank", "1"]
 
@@ -119,7 +119,7 @@ def test_declared_processes_without_a_group_stop_before_any_work(model_dir, tmp_
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps({**_config(model_dir, examples, out, micro=2, accumulation=1), "processes": 2}))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "CUT_ALIGN_LAUNCHER")}
-    done = subprocess.run([sys.executable, "-m", "cut_core.train_cli", str(config_path)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "cut_core.train.cli", str(config_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == train_cli.USER_ERROR
     assert done.stderr.strip().splitlines()[-1].startswith("error: launch.processes=2")

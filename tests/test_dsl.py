@@ -86,7 +86,7 @@ def test_cross_field_rules_explain_themselves(tmp_path):
         Polarity(score_column="s")
     with pytest.raises(Exception, match="use 'ilf_dpo' or 'cut' online"):
         Pipeline(name="x", online=Online(iterations=1, prompts="p.jsonl"), objective=DPO(),
-                 judge=FunctionJudge(callable="cut_core.demo_task:judge"))
+                 judge=FunctionJudge(callable="cut_core.tasks.arithmetic:judge"))
 
 
 def test_file_without_pipeline_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Generation engines (cut_core/engines.py) and the Generation section, without a serving engine.
+"""Generation engines (cut_core/infer/engines.py) and the Generation section, without a serving engine.
 
 Proves that:
 - the old generation fields (Online.max_new_tokens/greedy/generation_batch_size) still load, from a
@@ -23,15 +23,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cut_core import engines
-from cut_core import warehouse as wh
+from cut_core.infer import engines
+from cut_core.data import warehouse as wh
 from cut_core.dsl import Evaluation, FunctionJudge, Generation, Model, Online, Pipeline
-from cut_core.engines import EngineRefused, ServedPlan, Sampling, plan_served_model
-from cut_core.generate import generate, load_model
-from cut_core.lineage import Lineage, write_lineage
-from cut_core.tiny import make_tiny_model
+from cut_core.infer.engines import EngineRefused, ServedPlan, Sampling, plan_served_model
+from cut_core.infer.generate import generate, load_model
+from cut_core.models.lineage import Lineage, write_lineage
+from cut_core.models.tiny import make_tiny_model
 
-JUDGE = FunctionJudge(callable="cut_core.demo_task:judge")
+JUDGE = FunctionJudge(callable="cut_core.tasks.arithmetic:judge")
 
 
 def online_pipeline(**online) -> Pipeline:

@@ -5,7 +5,7 @@ pipeline trains one CUT step with the chat template, and generation and evaluati
 multi-turn prompt.
 
 Real components: a DuckDB warehouse file, folders written by the `datasets` library itself, a
-tiny Llama from cut_core.tiny with a chat template, the real trainer.
+tiny Llama from cut_core.models.tiny with a chat template, the real trainer.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cut_core import dsl, ingest, templates
-from cut_core import warehouse as wh
+from cut_core import dsl
+from cut_core.data import ingest, templates
+from cut_core.data import warehouse as wh
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
@@ -133,7 +134,7 @@ def test_flat_ids_and_old_warehouses_are_unchanged(tmp_path):
 def test_chat_renders_turns_and_puts_the_judgment_in_the_last_user_turn(tmp_path):
     from transformers import AutoTokenizer
 
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
 
     tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "m", extra_tokens=["<|user|>", "<|assistant|>",
                                                                                    "<|system|>"], chat_template=CHAT))
@@ -292,13 +293,13 @@ def test_messages_pipeline_trains_one_cut_step_with_the_chat_template(tmp_path):
     import polars as pl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cut_core import train_cli
-    from cut_core.contrast import materialize, read_stats
+    from cut_core.train import cli as train_cli
+    from cut_core.data.contrast import materialize, read_stats
     from cut_core.dsl import CUT
-    from cut_core.evaluate import evaluate
-    from cut_core.generate import generate
-    from cut_core.judges import FunctionJudge
-    from cut_core.tiny import make_tiny_model
+    from cut_core.infer.evaluate import evaluate
+    from cut_core.infer.generate import generate
+    from cut_core.judge import FunctionJudge
+    from cut_core.models.tiny import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "model", extra_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
                                 chat_template=CHAT)
@@ -328,7 +329,7 @@ def test_messages_pipeline_trains_one_cut_step_with_the_chat_template(tmp_path):
 
     # DPO pairs from the same conversations: the prompt is the conversation through the chat template
     from cut_core.dsl import DPO
-    from cut_core.preference import materialize_pairs
+    from cut_core.data.preference import materialize_pairs
 
     pairs = pl.read_parquet(materialize_pairs(triplets, tok, objective=DPO(), template="chat", out_dir=tmp_path / "p"))
     assert pairs.select("prompt", "chosen", "rejected").rows() == [

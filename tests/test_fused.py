@@ -16,9 +16,9 @@ import logging
 import pytest
 import torch
 
-from cut_core import sequences
-from cut_core.loss import fused_gold_logprobs, gold_logprobs
-from cut_core.sequences import gold_response_logprobs, right_padded
+from cut_core.data import sequences
+from cut_core.train.loss import fused_gold_logprobs, gold_logprobs
+from cut_core.data.sequences import gold_response_logprobs, right_padded
 
 VOCAB = 211
 TOL = 1e-5
@@ -213,7 +213,7 @@ def test_a_head_it_cannot_fuse_falls_back_and_says_so(caplog):
     batch = _batch()
     head, why = sequences.fusable_head(model)
     assert head is None and "not softcap(h W^T + b)" in why
-    with caplog.at_level(logging.WARNING, logger="cut_core.sequences"):
+    with caplog.at_level(logging.WARNING, logger="cut_core.data.sequences"):
         fused, _ = _grads(model, batch, fused=True)
     assert "materialized logits for SquashedLlama" in caplog.text
     materialized, _ = _grads(model, batch, fused=False)
@@ -225,7 +225,7 @@ def test_lora_dropout_on_lm_head_falls_back_in_training_and_fuses_in_eval(caplog
     model = _lora(_llama(tied=False), ["q_proj", "lm_head"], dropout=0.1).train()
     head, why = sequences.fusable_head(model)
     assert head is None and "dropout" in why
-    with caplog.at_level(logging.WARNING, logger="cut_core.sequences"):
+    with caplog.at_level(logging.WARNING, logger="cut_core.data.sequences"):
         _grads(model, _batch(), fused=True)
     assert "dropout" in caplog.text
     model.eval()
@@ -235,7 +235,7 @@ def test_lora_dropout_on_lm_head_falls_back_in_training_and_fuses_in_eval(caplog
 # ---------------------------------------------------------------- the trainer's switch
 
 def test_trainer_logprob_path_switch_gives_the_same_loss_and_gradients(tmp_path):
-    from cut_core.trainer import CUTCollator, CUTConfig, CUTTrainer, Record, RecordDataset
+    from cut_core.train.trainer import CUTCollator, CUTConfig, CUTTrainer, Record, RecordDataset
 
     torch.manual_seed(0)
     model = _lora(_qwen2_tied(), ["q_proj", "v_proj"]).float().train()

@@ -22,12 +22,12 @@ import shutil
 import pytest
 import torch
 
-from cut_core import templates
-from cut_core.evaluate import evaluate, token_texts
-from cut_core.generate import generate, generate_ended, load_model
-from cut_core.judges import FunctionJudge, TransformersJudge
-from cut_core.report import flag_report_html
-from cut_core.tiny import make_tiny_model
+from cut_core.data import templates
+from cut_core.infer.evaluate import evaluate, token_texts
+from cut_core.infer.generate import generate, generate_ended, load_model
+from cut_core.judge import FunctionJudge, TransformersJudge
+from cut_core.infer.report import flag_report_html
+from cut_core.models.tiny import make_tiny_model
 
 INSTRUCTIONS = [
     "What is 12 + 7?",

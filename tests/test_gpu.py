@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from cut_core import train_cli
-from cut_core.loss import gold_logprobs
+from cut_core.train import cli as train_cli
+from cut_core.train.loss import gold_logprobs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -66,7 +66,7 @@ def test_dpo_trains_on_cuda(model_dir, tmp_path):  # noqa: F811
 
 
 def test_generation_on_cuda_in_bf16(model_dir):  # noqa: F811
-    from cut_core.generate import generate_texts, load_model
+    from cut_core.infer.generate import generate_texts, load_model
 
     model, tokenizer = load_model(str(model_dir))
     assert model.device.type == "cuda" and model.dtype == torch.bfloat16

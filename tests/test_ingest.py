@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cut_core import warehouse as wh
+from cut_core.data import warehouse as wh
 from cut_core.dsl import Polarity, Source
-from cut_core.ingest import IngestError, RejectRateExceeded, ingest_files, ingest_sources
+from cut_core.data.ingest import IngestError, RejectRateExceeded, ingest_files, ingest_sources
 
 SHEPHERD_COLUMNS = {"instruction": "question", "response": "answer", "judgment": "feedback"}
 
@@ -207,7 +207,7 @@ def test_duplicate_of_an_id_stored_twice_is_one_reject(con, tmp_path):
 
 def test_skipping_a_large_file_stops_its_validation(con, tmp_path, monkeypatch):
     """The worker starts validating while the file is hashed; a file already ingested stops it."""
-    from cut_core.ingest import jsonl
+    from cut_core.data.ingest import jsonl
     monkeypatch.setattr(jsonl, "CHUNK_BYTES", 1 << 16)
     path = write_jsonl(tmp_path / "big.jsonl", [{"instruction": f"q{i}", "output": "a" * 200} for i in range(5000)])
     assert ingest_files(con, Source(paths=[str(path)]), batch="b1").accepted == 5000
@@ -251,7 +251,7 @@ def test_reject_rate_gate_commits_then_raises_and_stays_failed(con, tmp_path):
 HOLD = """
 import sys, time
 sys.path.insert(0, {root!r})
-from cut_core import warehouse
+from cut_core.data import warehouse
 con = warehouse.connect({db!r})
 print("holding", flush=True)
 time.sleep({seconds})

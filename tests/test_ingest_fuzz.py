@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cut_core import ingest
-from cut_core.ingest import jsonl
-from cut_core import warehouse as wh
+from cut_core.data import ingest
+from cut_core.data.ingest import jsonl
+from cut_core.data import warehouse as wh
 from cut_core.dsl import Polarity, Source
 
 ALPHABET = list("abcdefghij klmnop XYZ 0123 .,;:!?\"'\\/{}[]\t\n") + ["é", "ß", "漢字", "🙂", "\u2028", "ǅ"]

@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cut_core import warehouse as wh
+from cut_core.data import warehouse as wh
 from cut_core.dsl import Source
-from cut_core.ingest import ingest_files
-from cut_core.judges import FunctionJudge
-from cut_core.polarity import polarity_of, positive_sql
+from cut_core.data.ingest import ingest_files
+from cut_core.judge import FunctionJudge
+from cut_core.data.polarity import polarity_of, positive_sql
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,9 +156,9 @@ def test_oversized_records_are_rejected_with_their_reason(con, tmp_path):
 MEMORY = """
 import resource, sys
 sys.path.insert(0, {root!r})
-from cut_core import ingest, warehouse
+from cut_core.data import ingest, warehouse
 from cut_core.dsl import Source
-from cut_core.ingest import jsonl
+from cut_core.data.ingest import jsonl
 jsonl.CHUNK_BYTES = 1 << 20
 con = warehouse.connect({db!r})
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

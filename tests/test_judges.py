@@ -24,8 +24,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cut_core import dsl, judges, warehouse
-from cut_core.judges import FunctionJudge, JudgeResult, OpenAIJudge, build_judge, polarity_of
+from cut_core import dsl, judge as judges
+from cut_core.data import warehouse
+from cut_core.judge import FunctionJudge, JudgeResult, OpenAIJudge, build_judge, polarity_of
 
 
 # ---------------------------------------------------------------- a scripted OpenAI-compatible server

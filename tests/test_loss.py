@@ -1,4 +1,4 @@
-"""The CUT loss functions (cut_core/loss.py) compute METHOD.md §4's equations exactly.
+"""The CUT loss functions (cut_core/train/loss.py) compute METHOD.md §4's equations exactly.
 
 Proves: gold_logprobs equals a naive log_softmax + gather (values and gradients, fp32 and
 bf16, any chunking, ignored labels); the paper's Fig. 2 toy flags exactly the token "a" at
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from cut_core.loss import cut_objective, cut_token_loss, gold_logprobs, log1m_exp, masked_nll
+from cut_core.train.loss import cut_objective, cut_token_loss, gold_logprobs, log1m_exp, masked_nll
 
 # ---------------------------------------------------------------- gold_logprobs
 

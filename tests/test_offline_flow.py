@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def tiny_model(tmp_path, shared_data):
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
     records = json.loads((shared_data / "cut-online" / "iter1.json").read_text())
     texts = [r["instruction"] + "\n" + (r["output"] or "") + "\n" + (r["judgment"] or "") for r in records[:400]]
     return make_tiny_model(tmp_path / "tiny", texts, vocab_size=2000)
@@ -25,7 +25,7 @@ def tiny_model(tmp_path, shared_data):
 def test_offline_cut_on_cut_online_iter1(tmp_path, shared_data, tiny_model, prefect_harness, monkeypatch):
     from mlflow import MlflowClient
 
-    from cut_core.generate import generate, load_model
+    from cut_core.infer.generate import generate, load_model
     from flows.align import offline_align
     from tasks import tracking
 
@@ -54,8 +54,8 @@ def test_offline_cut_on_cut_online_iter1(tmp_path, shared_data, tiny_model, pref
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from cut_core import templates
-    from cut_core.generate import encode_prompts
+    from cut_core.data import templates
+    from cut_core.infer.generate import encode_prompts
 
     model, tokenizer = load_model(iteration["model"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()

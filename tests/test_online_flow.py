@@ -22,7 +22,7 @@ def small_base(tmp_path_factory):
     """A briefly warm-started demo model: it makes plenty of mistakes, which is what we need."""
     import torch
 
-    from cut_core.demo_task import build_base_model
+    from cut_core.tasks.arithmetic import build_base_model
     threads = torch.get_num_threads()
     try:
         return build_base_model(tmp_path_factory.mktemp("base") / "model", steps=150, batch_size=32)
@@ -34,7 +34,7 @@ def online_pipeline(workdir: Path, model: Path, name: str) -> Pipeline:
     return Pipeline(
         name=name, workdir=str(workdir),
         model=Model(path=str(model), max_length=128),
-        judge=FunctionJudge(callable="cut_core.demo_task:judge"),
+        judge=FunctionJudge(callable="cut_core.tasks.arithmetic:judge"),
         objective=CUT(threshold=1.1, alpha=1.0),
         adapter=None,
         training=Training(full_finetune=True, learning_rate=1e-4, micro_batch_size=8, gradient_accumulation=1,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from cut_core import polarity
-from cut_core.judges import FunctionJudge
+from cut_core.data import polarity
+from cut_core.judge import FunctionJudge
 
 TEXTS = [
     "Perfect.", '"Perfect."', "**perfect** answer", "  \u201cPerfect\u201d", "The answer is wrong.",

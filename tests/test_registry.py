@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cut_core.tiny import make_tiny_model
-from cut_core.weights import digested_files, weights_digest
+from cut_core.models.tiny import make_tiny_model
+from cut_core.models.weights import digested_files, weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo_tiny(tmp_path_factory):
     """One tiny model for the module (the demo's tokenizer, so the flow test can train it too)."""
-    from cut_core.demo_task import tokenizer_corpus
+    from cut_core.tasks.arithmetic import tokenizer_corpus
     return make_tiny_model(tmp_path_factory.mktemp("base") / "model", tokenizer_corpus(n=300), vocab_size=256)
 
 
@@ -205,7 +205,7 @@ def recurring_pipeline(workdir: Path, model: Path):
     return Pipeline(
         name="recurring-test", workdir=str(workdir),
         model=Model(path=str(model), max_length=64),
-        judge=FunctionJudge(callable="cut_core.demo_task:judge"),
+        judge=FunctionJudge(callable="cut_core.tasks.arithmetic:judge"),
         objective=CUT(threshold=1.1, alpha=1.0),
         adapter=None,
         training=Training(full_finetune=True, learning_rate=1e-3, micro_batch_size=8, gradient_accumulation=1,

@@ -35,8 +35,8 @@ NAME = "rounds-test"
 
 @pytest.fixture(scope="module")
 def demo_tiny(tmp_path_factory):
-    from cut_core.demo_task import tokenizer_corpus
-    from cut_core.tiny import make_tiny_model
+    from cut_core.tasks.arithmetic import tokenizer_corpus
+    from cut_core.models.tiny import make_tiny_model
     return make_tiny_model(tmp_path_factory.mktemp("base") / "model", tokenizer_corpus(n=300), vocab_size=256)
 
 
@@ -93,7 +93,7 @@ def rounds_pipeline(tmp_path: Path, model: Path) -> Pipeline:
         name=NAME, workdir=str(tmp_path / "work"),
         sources=[Source(paths=[str(tmp_path / "feedback" / "*.jsonl")], labeled=False)],
         model=Model(path=str(model), max_length=64),
-        judge=FunctionJudge(callable="cut_core.demo_task:judge"),
+        judge=FunctionJudge(callable="cut_core.tasks.arithmetic:judge"),
         objective=CUT(threshold=1.1, alpha=1.0, align_p_ratio=1.0),  # every positive kept: ids comparable
         adapter=None,
         training=Training(full_finetune=True, learning_rate=1e-3, micro_batch_size=8, gradient_accumulation=1,
@@ -145,7 +145,7 @@ def test_recurring_offline_rounds_train_only_new_triplets_from_the_champion(
         align.offline_align(pipeline.to_json(), pipeline.name, round_name="night2")
     monkeypatch.setattr(align, "round_start", real_start)
     # the judge was asked about the new file's rows only (day 1's were labeled in round 1)
-    assert "judge cut_core.demo_task:judge: 10 requested, 0 cached" in flow_log.text
+    assert "judge cut_core.tasks.arithmetic:judge: 10 requested, 0 cached" in flow_log.text
     day3 = feedback_file(folder / "day3.jsonl", [(a, a + 3) for a in range(50, 56)])    # 6 rows
 
     # ---- round 2 resumed: from the champion, on day 2's triplets only (day 3 came after it started)
@@ -207,7 +207,7 @@ def test_a_round_name_must_be_folder_safe():
 
 
 def test_round_selection_in_the_warehouse(tmp_path):
-    from cut_core import warehouse as wh
+    from cut_core.data import warehouse as wh
 
     con = wh.connect(tmp_path / "w.duckdb")
     rows = [("a", "positive", "f1"), ("b", "negative", "f1"), ("c", None, "f1"), ("d", "negative", "f2"),

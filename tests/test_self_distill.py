@@ -14,9 +14,9 @@ import torch
 from test_trainer import (BOS, EOS, VOCAB, _Crash, assert_same_history, config_for, history,  # noqa: F401
                           make_rows, model_dir, write_examples)
 
-from cut_core import train_cli
-from cut_core.loss import self_distill_divergence, self_distill_token_loss
-from cut_core.trainer import COMPLETE, CUTConfig, CUTTrainer, RecordDataset, load_model, records_from_rows
+from cut_core.train import cli as train_cli
+from cut_core.train.loss import self_distill_divergence, self_distill_token_loss
+from cut_core.train.trainer import COMPLETE, CUTConfig, CUTTrainer, RecordDataset, load_model, records_from_rows
 
 KEYS = ("loss", "nll", "distill", "learning_rate")
 
@@ -142,9 +142,9 @@ def test_dsl_cli_and_contrast_route_self_distill_to_cut_pairs(tmp_path):
     import polars as pl
     from transformers import AutoTokenizer
 
-    from cut_core.contrast import materialize
+    from cut_core.data.contrast import materialize
     from cut_core.dsl import CUT, SelfDistill
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
     from flows.cli import objective_summary
 
     tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "tiny"))

@@ -1,4 +1,4 @@
-"""One owner of token sequences (cut_core/sequences.py): training and inference see the same ids.
+"""One owner of token sequences (cut_core/data/sequences.py): training and inference see the same ids.
 
 Proves: for the same (instruction, template), the prompt ids contrast.py writes into the training
 examples are the ids generation feeds the model and the ids evaluation scores a response under
@@ -13,7 +13,8 @@ import polars as pl
 import pytest
 import torch
 
-from cut_core import contrast, evaluate, generate, sequences, templates
+from cut_core.data import contrast, sequences, templates
+from cut_core.infer import evaluate, generate
 from cut_core.dsl import CUT
 
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -27,7 +28,7 @@ JUDGMENT = "The response is correct but it misses the explanation of the tens di
 def setup(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
 
     folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", chat_template=CHAT)
     tok = AutoTokenizer.from_pretrained(folder)

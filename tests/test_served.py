@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def served_pipeline(tmp_path: Path) -> Pipeline:
     return Pipeline(name="served", workdir=str(tmp_path / "work"), model=Model(path=str(tmp_path / "model")),
-                    judge=FunctionJudge(callable="cut_core.demo_task:judge"),
+                    judge=FunctionJudge(callable="cut_core.tasks.arithmetic:judge"),
                     online=Online(iterations=1, prompts=str(ROOT / "datasets/arithmetic/online.jsonl"),
                                   prompts_per_iteration=8))
 
@@ -205,7 +205,7 @@ def test_a_second_concurrent_run_of_a_declaration_is_refused(tmp_path, prefect_h
 def test_a_model_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     from transformers import PreTrainedTokenizerFast
 
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
 
     def broken_save(self, *args, **kwargs):
         raise OSError("disk full")
@@ -247,8 +247,8 @@ def test_models_load_from_safetensors_only(tmp_path):
 
     import torch
 
-    from cut_core.generate import load_model
-    from cut_core.tiny import make_tiny_model
+    from cut_core.infer.generate import load_model
+    from cut_core.models.tiny import make_tiny_model
 
     safe = make_tiny_model(tmp_path / "safe")
     model, _ = load_model(str(safe))

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from cut_core import dsl, judges, warehouse
-from cut_core.judges import OpenAIJudge, build_judge
+from cut_core import dsl, judge as judges
+from cut_core.data import warehouse
+from cut_core.judge import OpenAIJudge, build_judge
 
 
 def reply(content, *, usage=None, finish="stop") -> bytes:
@@ -236,7 +237,7 @@ def test_structured_failures_are_stored_as_failed_and_leave_triplets_unlabeled(t
     assert judges.apply_judgments(con, judge.name) == 2
     rows = dict(con.execute("SELECT instruction, polarity FROM triplets").fetchall())
     assert rows == {"good": "positive", "bad": "negative", "not-json": None, "other-verdict": None}
-    # the stored label reads the same by the one polarity rule (cut_core.polarity)
+    # the stored label reads the same by the one polarity rule (cut_core.data.polarity)
     for judgment, polarity in con.execute("SELECT judgment, polarity FROM judgments WHERE status = 'ok'").fetchall():
         assert judges.polarity_of(judgment) == polarity
     con.close()
@@ -322,7 +323,7 @@ def test_online_iteration_logs_judge_usage_to_mlflow(tmp_path, prefect_harness, 
     from mlflow import MlflowClient
 
     from cut_core.dsl import CUT, Evaluation, LoRA, Model, Online, Pipeline, Training
-    from cut_core.tiny import make_tiny_model
+    from cut_core.models.tiny import make_tiny_model
     from flows.align import online_align
     from tasks import tracking
 

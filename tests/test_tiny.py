@@ -1,4 +1,4 @@
-"""cut_core.tiny proves: a tiny Llama + tokenizer builds in about a second, saves with
+"""cut_core.models.tiny proves: a tiny Llama + tokenizer builds in about a second, saves with
 save_pretrained, loads offline through AutoModelForCausalLM / AutoTokenizer, runs a forward
 pass, and its tokenizer round-trips text exactly (spaces, tabs, newlines, unicode), keeps the
 template headers as single tokens, splits digits one by one and adds BOS like Llama's."""
@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from cut_core import templates
-from cut_core.tiny import BOS, EOS, PAD, UNK, make_tiny_model
+from cut_core.data import templates
+from cut_core.models.tiny import BOS, EOS, PAD, UNK, make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""CUTTrainer and the training subprocess (cut_core/trainer.py, cut_core/train_cli.py) on a tiny Llama.
+"""CUTTrainer and the training subprocess (cut_core/train/trainer.py, cut_core/train/cli.py) on a tiny Llama.
 
 Proves: example rows group into records and malformed ones are refused; the collator pairs
 each Align-N row with its Misalign twin and adds no dummy rows; the sampler's batches do not
@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cut_core import train_cli
-from cut_core.trainer import (COMPLETE, CUTCollator, CUTConfig, CUTTrainer, LengthGroupedRecordSampler,
+from cut_core.train import cli as train_cli
+from cut_core.train.trainer import (COMPLETE, CUTCollator, CUTConfig, CUTTrainer, LengthGroupedRecordSampler,
                               RecordDataset, load_model, padding_efficiency, records_from_rows)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,7 +285,7 @@ def test_killed_subprocess_resumes_to_the_uninterrupted_losses(model_dir, tmp_pa
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps({**cfg, "output_dir": str(out), "max_steps": steps}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    command = [sys.executable, "-m", "cut_core.train_cli", str(config_path)]
+    command = [sys.executable, "-m", "cut_core.train.cli", str(config_path)]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = out / "checkpoints/checkpoint-2" / COMPLETE
     deadline = time.time() + 120

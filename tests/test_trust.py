@@ -28,7 +28,7 @@ import pytest
 
 from cut_core import dsl
 from cut_core.dsl import PipelineError, load_pipeline
-from cut_core.judges import OpenAIJudge, build_judge, score_refusal
+from cut_core.judge import OpenAIJudge, build_judge, score_refusal
 
 KEY = "sk-trust-4f9c2e7a1b3d5f6e8a0c"
 
@@ -288,8 +288,8 @@ def test_an_echoed_key_leaves_no_trace_and_a_poorly_judged_model_is_not_promoted
     from prefect.settings import get_current_settings
 
     from cut_core.dsl import CUT, Evaluation, LoRA, Model, Pipeline, Source, Training
-    from cut_core.evaluate import EvaluationRefused
-    from cut_core.tiny import make_tiny_model
+    from cut_core.infer.evaluate import EvaluationRefused
+    from cut_core.models.tiny import make_tiny_model
     from flows.align import offline_align
     from tasks import tracking
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from cut_core import constraints_task as ct
-from cut_core import engines
+from cut_core.tasks import constraints as ct
+from cut_core.infer import engines
 from cut_core.dsl import Generation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ def server(smollm2, tmp_path_factory):
 
 
 def test_greedy_answers_through_vllm_equal_the_in_process_engines(smollm2, server, tmp_path):
-    from cut_core.generate import load_model
-    from cut_core.tiny import make_tiny_model
+    from cut_core.infer.generate import load_model
+    from cut_core.models.tiny import make_tiny_model
 
     model, tokenizer = load_model(str(smollm2))
     common = dict(template="chat", tokenizer=tokenizer)
@@ -95,7 +95,7 @@ def test_an_online_round_generates_and_evaluates_through_the_vllm_server(smollm2
     import torch
     from mlflow import MlflowClient
 
-    from cut_core import warehouse as wh
+    from cut_core.data import warehouse as wh
     from cut_core.dsl import load_pipeline
     from flows.align import run_pipeline
     from tasks import tracking

@@ -8,7 +8,7 @@ Files (JSON Lines, one problem per line, in split order):
     online.jsonl    2000 problems: {"instruction", "reference"}   online prompts, 500 per iteration
     warmstart.jsonl 5600 problems: {"instruction", "reference"}   the only problems the base model
                                                                    is warm-started on
-The three splits partition all 8100 ordered pairs of 2-digit numbers (cut_core.demo_task).
+The three splits partition all 8100 ordered pairs of 2-digit numbers (cut_core.tasks.arithmetic).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere in the repo
 
-from cut_core import demo_task  # noqa: E402
+from cut_core.tasks import arithmetic as demo_task  # noqa: E402
 
 FILES = {"heldout": "heldout.jsonl", "online": "online.jsonl", "warmstart": "warmstart.jsonl"}
 

@@ -6,7 +6,7 @@
 Files (JSON Lines, one object per line: {"instruction": str}):
     online.jsonl   600 instructions (seed 1)   online prompts, never reused across iterations
     heldout.jsonl  200 instructions (seed 2)   held-out evaluation; none also occurs in online.jsonl
-See cut_core/constraints_task.py for the constraints and their verifier.
+See cut_core/tasks/constraints.py for the constraints and their verifier.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere in the repo
 
-from cut_core import constraints_task  # noqa: E402
+from cut_core.tasks import constraints as constraints_task  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,0 +1,1 @@
+"""The bundled verifiable tasks: arithmetic (the demo) and constraints (for real chat models)."""
