@@ -47,7 +47,7 @@ from cut_core import dsl
 from cut_core.errors import UserError
 from cut_core.models.lineage import read_lineage
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # cut_core/infer/engines.py -> the repository
 DEFAULT_VLLM_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
 VLLM_WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
 
