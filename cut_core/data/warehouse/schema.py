@@ -1,0 +1,230 @@
+"""The warehouse's schema, its migrations, the content ids (the same sha256 in Python and in DuckDB) and
+`connect` (one writer per file; the schema made and migrated on open)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import duckdb
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS triplets (
+    -- sha256 of instruction, response, judgment (content_key). Not a PRIMARY KEY: that index
+    -- (an ART over random 64-character keys) cost as much as the compressed insert itself,
+    -- ~2.4 s per 1M rows; writers check for the id before they insert (ingest with hash joins,
+    -- tasks/label.py with NOT IN). Files created with the key keep it and work the same.
+    id            VARCHAR NOT NULL,
+    instruction   VARCHAR NOT NULL,         -- with a non-empty `input` appended after a newline; a
+                                            -- multi-turn prompt as text (templates.conversation_text)
+    response      VARCHAR NOT NULL,
+    judgment      VARCHAR,                  -- NULL for positives without text and for unlabeled rows
+    polarity      VARCHAR,                  -- 'positive' | 'negative' | NULL (unlabeled, awaits the judge)
+    refined       VARCHAR,                  -- optional corrected response (ILF-MLE, ILF-DPO)
+    score         DOUBLE,                   -- optional scalar reward from the source (DPO pairs)
+    contradiction BOOLEAN DEFAULT FALSE,    -- negative whose text says the response is perfect
+    batch         VARCHAR NOT NULL,         -- ingest batch or online iteration that produced the row
+    source        VARCHAR NOT NULL,
+    row_number    BIGINT NOT NULL,
+    ingested_at   TIMESTAMP DEFAULT current_timestamp,
+    file_digest   VARCHAR,                  -- ingested_files.digest of the file the row came from
+    context       VARCHAR,                  -- a multi-turn prompt's turns as JSON [{role, content}, ...]
+                                            -- ending with the user turn (templates.context_json);
+                                            -- NULL for a flat instruction. Part of the id when set.
+    element       INTEGER                   -- 0-based index in the exploded array of row_number
+                                            -- (a column map with [*]); NULL when the row was not exploded
+);
+CREATE TABLE IF NOT EXISTS rejects (
+    source        VARCHAR NOT NULL,
+    row_number    BIGINT NOT NULL,
+    raw           VARCHAR,
+    reason        VARCHAR NOT NULL,
+    detail        VARCHAR,
+    batch         VARCHAR NOT NULL,
+    rejected_at   TIMESTAMP DEFAULT current_timestamp,
+    element       INTEGER                   -- as triplets.element: the array element of row_number
+);
+CREATE TABLE IF NOT EXISTS ingested_files (
+    digest        VARCHAR PRIMARY KEY,      -- sha256 of the file bytes + the source settings
+    path          VARCHAR NOT NULL,
+    rows_read     BIGINT NOT NULL,
+    accepted      BIGINT NOT NULL,
+    rejected      BIGINT NOT NULL,
+    batch         VARCHAR NOT NULL,
+    ingested_at   TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS judgments (
+    judge         VARCHAR NOT NULL,
+    key           VARCHAR NOT NULL,         -- sha256 of instruction, response
+    instruction   VARCHAR NOT NULL,
+    response      VARCHAR NOT NULL,
+    judgment      VARCHAR,                  -- NULL when status = 'failed'
+    polarity      VARCHAR,                  -- 'positive' | 'negative' | NULL when failed
+    status        VARCHAR NOT NULL,         -- 'ok' | 'failed'
+    error         VARCHAR,
+    attempts      INTEGER DEFAULT 1,
+    judged_at     TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (judge, key)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    run           VARCHAR NOT NULL,         -- pipeline run key
+    iteration     INTEGER NOT NULL,
+    prompt_index  BIGINT NOT NULL,
+    instruction   VARCHAR NOT NULL,
+    response      VARCHAR NOT NULL,
+    model_digest  VARCHAR NOT NULL,
+    generated_at  TIMESTAMP DEFAULT current_timestamp,
+    pipeline      VARCHAR,                  -- the pipeline's name, matched exactly by sample_prompts
+    engine        VARCHAR,                  -- who generated: transformers | openai:URL[|model] | vllm
+    PRIMARY KEY (run, iteration, prompt_index)
+);
+"""
+# Columns added after the first release: a warehouse file created before gains them on open.
+MIGRATIONS = """
+ALTER TABLE triplets ADD COLUMN IF NOT EXISTS score DOUBLE;
+ALTER TABLE triplets ADD COLUMN IF NOT EXISTS file_digest VARCHAR;
+ALTER TABLE generations ADD COLUMN IF NOT EXISTS pipeline VARCHAR;
+CREATE TABLE IF NOT EXISTS round_triplets (
+    pipeline      VARCHAR NOT NULL,         -- the pipeline's name, matched exactly
+    round         VARCHAR NOT NULL,         -- the round's run key (<name>-<digest>-<round label>)
+    triplet_id    VARCHAR NOT NULL,         -- triplets.id
+    selected_at   TIMESTAMP DEFAULT current_timestamp,
+    version       INTEGER,                  -- the registered version trained on it; NULL until then
+    PRIMARY KEY (round, triplet_id)
+);
+ALTER TABLE triplets ADD COLUMN IF NOT EXISTS context VARCHAR;
+ALTER TABLE triplets ADD COLUMN IF NOT EXISTS element INTEGER;
+ALTER TABLE rejects ADD COLUMN IF NOT EXISTS element INTEGER;
+ALTER TABLE generations ADD COLUMN IF NOT EXISTS engine VARCHAR;
+"""
+# Rows ingested before triplets.file_digest existed get it from ingested_files (the file's path
+# and batch name it); run once per open, it touches only rows still without a digest.
+BACKFILL = """
+UPDATE triplets AS t SET file_digest = f.digest
+FROM ingested_files AS f
+WHERE t.file_digest IS NULL AND t.source = f.path AND t.batch = f.batch
+"""
+
+
+class WarehouseBusy(RuntimeError):
+    """Another process holds the warehouse for writing."""
+
+
+def content_key(*parts: str | None) -> str:
+    """Stable sha256 over text parts; None and '' are distinct from each other's neighbours.
+
+    Triplet ids are content_key(instruction, response, judgment); content_key_sql computes the
+    same hex digest inside DuckDB (tests check they agree)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(b"\x00" if p is None else b"\x01" + p.encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def triplet_id(instruction: str, response: str, judgment: str | None, context: str | None = None) -> str:
+    """A triplet's id: content_key(instruction, response, judgment), with the multi-turn prompt's
+    stored turns (`context`, templates.context_json) as a fourth part only when there are any,
+    so every flat triplet keeps the id it always had."""
+    if context is None:
+        return content_key(instruction, response, judgment)
+    return content_key(instruction, response, judgment, context)
+
+
+def triplet_id_sql(instruction: str, response: str, judgment: str, context: str | None = None) -> str:
+    """DuckDB expression equal to triplet_id of these SQL expressions' values."""
+    flat = content_key_sql(instruction, response, judgment)
+    if context is None:
+        return flat
+    return f"CASE WHEN {context} IS NULL THEN {flat} ELSE {content_key_sql(instruction, response, judgment, context)} END"
+
+
+def content_key_sql(*parts: str) -> str:
+    """DuckDB expression over SQL expressions `parts` equal to content_key of their values:
+    sha256 of each part as 0x01 + UTF-8 text (0x00 for NULL), then 0x1f."""
+    pieces = ", ".join(f"CASE WHEN {p} IS NULL THEN chr(0) ELSE chr(1) || {p} END, chr(31)" for p in parts)
+    return f"sha256(concat({pieces}))"
+
+
+def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 30.0) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse, creating the schema when writable.
+
+    DuckDB allows one writer process per file. A second writer waits up to `wait_s` seconds
+    for the lock and then raises `WarehouseBusy` with a message that names the file.
+    """
+    path = Path(path)
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as err:
+            if "lock" not in str(err).lower():
+                raise
+            if time.monotonic() >= deadline:
+                raise WarehouseBusy(
+                    f"warehouse {path} is open for writing in another process; DuckDB allows one "
+                    f"writer per file. Wait for that process to finish (waited {wait_s:.0f}s)."
+                ) from None
+            time.sleep(0.25)
+    if not read_only:
+        con.execute(SCHEMA)
+        con.execute(MIGRATIONS)
+        con.execute(BACKFILL)
+        migrate_moved_judge_names(con)
+    return con
+
+
+def migrate_moved_judge_names(con: duckdb.DuckDBPyConnection) -> int:
+    """Cached judgments of a FunctionJudge are stored under `<module>:<name>` (declared) or
+    `function:<module>:<name>` (a function object); a module
+    the layout moved (cut_core.compat.MOVED, e.g. cut_core.demo_task -> cut_core.tasks.arithmetic)
+    gives the same judge a new name. Rename the stored rows (a judgment already stored under the
+    new name wins), so a warehouse made before the move finds its cached judgments. Returns the
+    rows renamed; one indexed-free scan of the judge names per open, nothing when none match."""
+    from cut_core.compat import MOVED
+
+    pattern = "^(function:)?(" + "|".join(re.escape(old) for old in MOVED) + "):"
+    old_names = [r[0] for r in _relation_rows(
+        con, "SELECT DISTINCT judge FROM judgments WHERE regexp_matches(judge, $p)", {"p": pattern})]
+    renamed = 0
+    for name in old_names:
+        prefix = "function:" if name.startswith("function:") else ""
+        module, _, rest = name[len(prefix):].partition(":")
+        new = f"{prefix}{MOVED[module]}:{rest}"
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("INSERT OR IGNORE INTO judgments SELECT * REPLACE ($new AS judge) FROM judgments "
+                        "WHERE judge = $old", {"new": new, "old": name})
+            renamed += _relation_rows(con, "SELECT count(*) FROM judgments WHERE judge = $old", {"old": name})[0][0]
+            con.execute("DELETE FROM judgments WHERE judge = $old", {"old": name})
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return renamed
+
+
+
+def _relation_rows(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> list[tuple]:
+    # A relation (con.sql), fetched whole: execute().fetch* leaves a DuckDB 2 connection busy.
+    return con.sql(sql, params=params).fetchall()
+
+
+def _registered(con: duckdb.DuckDBPyConnection, name: str, table):
+    """Context manager: `table` (Arrow/polars/pandas) visible as `name` for the block."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        con.register(name, table)
+        try:
+            yield name
+        finally:
+            con.unregister(name)
+    return cm()
