@@ -1,7 +1,9 @@
 """The per-file loop: one transaction per file, skipped when its digest is already recorded;
-each chunk a reader yields is checked by one DuckDB statement (sql.validation_sql), its
+each chunk a reader yields is checked by one DuckDB statement (sql.validation_sql) into Arrow, its
 conversation rows rewritten and checked again, and written by warehouse.add_checked (triplets,
-or quarantined rejects); the counts go to the report and the reject-rate gate."""
+or quarantined rejects); the counts go to the report and the reject-rate gate. Nothing per chunk
+is a DuckDB temporary table: one dropped inside the file's transaction stays in memory until
+the commit, so every chunk of a large file would be held to the end."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cut_core import dsl
 from cut_core.data import warehouse as wh
@@ -31,22 +35,6 @@ SCAN_BATCH_ROWS = 8192
 # wait, uncommitted, in DuckDB's buffers until the commit; under this limit they go to disk
 # instead (1M rows of the bench: peak RSS ~640 MB instead of ~1.4 GB).
 INGEST_MEMORY_LIMIT = "300MB"
-
-
-class _Stream:
-    """An Arrow table that DuckDB reads through the Arrow C stream interface, once per scan.
-
-    con.register() of a table inside a transaction keeps the table alive until the commit (the
-    catalog keeps a dropped view for the transaction), so a large file, written in one
-    transaction, would keep every block in memory until the end. Registering this holder and
-    dropping its table once the chunk is written leaves only the empty holder behind.
-    """
-
-    def __init__(self, table: pa.Table):
-        self.table: pa.Table | None = table
-
-    def __arrow_c_stream__(self, requested_schema=None):
-        return self.table.__arrow_c_stream__(requested_schema)
 
 
 def _count(report: FileReport, reason: str | None, polarity: str | None, contradiction: bool | None, n: int) -> None:
@@ -69,26 +57,43 @@ def _count(report: FileReport, reason: str | None, polarity: str | None, contrad
         report.contradictions += n
 
 
-def _explain_json_errors(cur: duckdb.DuckDBPyConnection) -> None:
+def _explain_json_errors(checked: pa.Table) -> pa.Table:
     """Python's parser names the position of a syntax error; only the (rare) malformed rows pay."""
-    bad = cur.sql("SELECT row_number, raw FROM _ingest_checked WHERE reason = 'malformed_json' "
-                  "AND detail IS NULL").fetchall()
-    if not bad:
-        return
+    reason, detail = checked.column("reason").combine_chunks(), checked.column("detail").combine_chunks()
+    bad = pc.and_(pc.equal(reason, "malformed_json"), pc.is_null(detail)).fill_null(False)
+    at = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
+    if not len(at):
+        return checked
+    raw = checked.column("raw").take(pa.array(at))
     details = []
-    for _, raw in bad:
+    for text in raw.to_pylist():
         try:
-            json.loads(raw)
+            json.loads(text)
             details.append("not valid JSON")
-        except (ValueError, RecursionError) as err:
+        except (ValueError, RecursionError, TypeError) as err:
             details.append(f"not valid JSON: {err}"[:300])
-    explained = pa.table({"row_number": pa.array([r for r, _ in bad], pa.int64()), "detail": details})
-    cur.register("_ingest_explained", explained)
-    try:
-        cur.execute("UPDATE _ingest_checked c SET detail = e.detail FROM _ingest_explained e "
-                    "WHERE c.row_number = e.row_number")
-    finally:
-        cur.unregister("_ingest_explained")
+    values = detail.to_pylist()
+    for i, d in zip(at.tolist(), details):
+        values[i] = d
+    return checked.set_column(checked.schema.get_field_index("detail"), "detail", pa.array(values, detail.type))
+
+
+def _check_chunk(con: duckdb.DuckDBPyConnection, lines: pa.Table, source: dsl.Source,
+                 check_sqls: dict[bool, str]) -> tuple[pa.Table, pa.Table]:
+    """(the chunk, its checked rows): one validation statement over the chunk; conversation
+    rows are rewritten (Python, those rows only) and the chunk checked again. The checked rows
+    are Arrow, not a temporary table (one dropped inside the file's transaction would stay in
+    memory until the commit), in record batches DuckDB's threads share when the writes scan them."""
+    with wh.arrow_view(con, "_ingest_chunk", lines):
+        checked = con.sql(check_sqls[False]).to_arrow_table(batch_size=SCAN_BATCH_ROWS)
+    is_conversation = pc.equal(checked.column("reason"), CONVERSATION).fill_null(False)
+    if pc.any(is_conversation).as_py():
+        conversations = pc.filter(checked.column("row_number"), is_conversation).to_pylist()
+        del checked
+        lines = rewrite_conversations(lines, source, conversations)
+        with wh.arrow_view(con, "_ingest_chunk", lines):
+            checked = con.sql(check_sqls[True]).to_arrow_table(batch_size=SCAN_BATCH_ROWS)
+    return lines, _explain_json_errors(checked)
 
 
 def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.Source, *, batch: str,
@@ -98,8 +103,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
     The connection must be a writable warehouse connection (warehouse.connect) with no open
     transaction: this function commits the file's triplets, rejects and digest together, or
     nothing. `triplets.source` and `rejects.source` hold the file's absolute path, symlinks not
-    resolved. Each chunk of records is checked by one DuckDB statement (sql.validation_sql) into a
-    temporary table and written by warehouse.add_checked, so memory stays bounded by the chunk.
+    resolved. Each chunk of records is checked by one DuckDB statement (sql.validation_sql) into an
+    Arrow table and written by warehouse.add_checked, so memory stays bounded by the chunk.
     """
     path = Path(os.path.abspath(path))
     fmt = detect_format(path, source.format)
@@ -140,30 +145,18 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
                 break
             # many small record batches: DuckDB scans an Arrow stream batch by batch on every core
             # (one 64 MB batch would hold every statement over the chunk to one thread)
-            stream = _Stream(pa.Table.from_batches(chunk.to_batches(max_chunksize=SCAN_BATCH_ROWS)))
+            lines = pa.Table.from_batches(chunk.to_batches(max_chunksize=SCAN_BATCH_ROWS))
             del chunk
-            con.register("_ingest_chunk", stream)
-            try:
-                con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sqls[False]}")
-                conversations = [r[0] for r in con.sql(
-                    "SELECT row_number FROM _ingest_checked WHERE reason = $r ORDER BY 1",
-                    params={"r": CONVERSATION}).fetchall()]
-                if conversations:   # rewrite those rows (Python, these rows only) and check again
-                    con.unregister("_ingest_chunk")
-                    stream.table = rewrite_conversations(stream.table, source, conversations)
-                    con.register("_ingest_chunk", stream)
-                    con.execute(f"CREATE OR REPLACE TEMP TABLE _ingest_checked AS {check_sqls[True]}")
-                _explain_json_errors(con)
-                seconds["check"] += time.perf_counter() - t
-                t = time.perf_counter()
-                # the chunk stays visible for the raw text of duplicates (good rows keep none)
+            lines, checked = _check_chunk(con, lines, source, check_sqls)
+            seconds["check"] += time.perf_counter() - t
+            t = time.perf_counter()
+            # the chunk stays visible for the raw text of duplicates (good rows keep none); both
+            # go when the block ends, not at the commit
+            with wh.arrow_view(con, "_ingest_chunk", lines), wh.arrow_view(con, "_ingest_checked", checked):
+                del lines, checked
                 for reason, polarity, contradiction, n in wh.add_checked(
                         con, "_ingest_checked", source=str(path), batch=batch, digest=digest, lines="_ingest_chunk"):
                     _count(report, reason, polarity, contradiction, n)
-            finally:
-                con.unregister("_ingest_chunk")
-                stream.table = None     # the block goes now, not at the commit
-            con.execute("DROP TABLE _ingest_checked")
             seconds["write"] += time.perf_counter() - t
         t = time.perf_counter()
         wh.record_ingested_file(con, digest=digest, path=str(path), rows_read=report.rows_read,

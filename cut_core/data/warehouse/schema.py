@@ -216,6 +216,40 @@ def _relation_rows(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> lis
     return con.sql(sql, params=params).fetchall()
 
 
+class ArrowView:
+    """An Arrow table that DuckDB reads through the Arrow C stream interface, once per scan.
+
+    con.register() of a table inside a transaction keeps the table alive until the commit (the
+    catalog keeps a dropped view, like a dropped temporary table, for the transaction), so a
+    large file written in one transaction would keep every chunk in memory until the end.
+    Registering this holder and setting `table` to None once the chunk is written leaves only
+    the empty holder behind (see `arrow_view`)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __arrow_c_stream__(self, requested_schema=None):
+        return self.table.__arrow_c_stream__(requested_schema)
+
+
+def arrow_view(con: duckdb.DuckDBPyConnection, name: str, table) -> "contextlib.AbstractContextManager[ArrowView]":
+    """Context manager: the Arrow `table` visible as `name` for the block, its memory freed at
+    the end of the block even inside a transaction. Yields the ArrowView (assign `.table` to
+    show another table under the same name)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        view = ArrowView(table)
+        con.register(name, view)
+        try:
+            yield view
+        finally:
+            con.unregister(name)
+            view.table = None
+    return cm()
+
+
 def _registered(con: duckdb.DuckDBPyConnection, name: str, table):
     """Context manager: `table` (Arrow/polars/pandas) visible as `name` for the block."""
     import contextlib

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import duckdb
 
-from cut_core.data.warehouse.schema import _registered, _relation_rows, content_key_sql
+from cut_core.data.warehouse.schema import _registered, _relation_rows, arrow_view, content_key_sql
 
 # ---------------------------------------------------------------- triplets: the one insert path
 
@@ -20,7 +20,6 @@ from cut_core.data.warehouse.schema import _registered, _relation_rows, content_
 # as the compressed insert itself), so both lookups are hash joins; one writer per warehouse
 # file (connect) means nothing can slip in between the lookup and the insert.
 _DUPS_SQL = """
-CREATE OR REPLACE TEMP TABLE _wh_dups AS
 WITH good AS (SELECT unit, row_number, element, id FROM {checked} WHERE reason IS NULL),
 stored AS (
     -- without a unique constraint another writer may have stored an id twice: name the first
@@ -85,14 +84,15 @@ def add_checked(con: duckdb.DuckDBPyConnection, checked: str, *, source: str, ba
         dup_raw = "COALESCE(c.raw, l.pre_raw, rtrim(l.text, chr(13) || chr(10)))"
         lines_join = f"LEFT JOIN {lines} l ON l.row_number = c.row_number"
     params = {"source": source}
-    con.execute(_DUPS_SQL.format(checked=checked), params)
-    try:
+    # the duplicates as an Arrow view, not a temporary table: a table dropped inside the caller's
+    # transaction would stay in memory until its commit (see schema.ArrowView)
+    dups = con.sql(_DUPS_SQL.format(checked=checked), params=params).to_arrow_table()
+    with arrow_view(con, "_wh_dups", dups):
+        del dups
         counts = _relation_rows(con, _COUNT_SQL.format(checked=checked))
         con.execute(_INSERT_TRIPLETS_SQL.format(checked=checked), {**params, "batch": batch, "digest": digest})
         con.execute(_INSERT_REJECTS_SQL.format(checked=checked, dup_raw=dup_raw, lines_join=lines_join),
                     {**params, "batch": batch})
-    finally:
-        con.execute("DROP TABLE IF EXISTS _wh_dups")
     return counts
 
 
