@@ -15,7 +15,7 @@ reject table) are read and rendered to JSON by DuckDB. Then, per chunk, DuckDB d
 
     one statement (sql.validation_sql): validate, extract the canonical columns, decide
         polarity (cut_core.data.polarity, the rule judges use) and hash the id (sha256 in DuckDB)
-        into a temporary table
+        into an Arrow table (not a temporary table: see run.py)
     warehouse.add_checked: find duplicates with hash joins (against the warehouse and within
         the chunk), write triplets and rejects with one INSERT each
 
