@@ -291,3 +291,38 @@ def test_content_key_in_sql_equals_the_python_one():
         [(got,)] = sql_con.execute(f"SELECT {wh.content_key_sql('$a', '$b', '$c')}",
                                    {"a": parts[0], "b": parts[1], "c": parts[2]}).fetchall()
         assert got == wh.content_key(*parts)
+
+
+def test_prefetched_reader_raises_at_its_chunk_and_stops_when_closed():
+    """The JSONL reader runs one chunk ahead on a thread: its error reaches the ingest at the chunk
+    where it happened (the chunks before it were handed over), and an ingest that stops early
+    (an error while writing) closes the reader and ends the thread."""
+    import threading
+
+    from cut_core.data.ingest.chunks import prefetched
+
+    def failing():
+        yield "chunk 1"
+        raise OSError("disk went away")
+
+    it = prefetched(failing())
+    assert next(it) == "chunk 1"
+    with pytest.raises(OSError, match="disk went away"):
+        next(it)
+
+    closed = []
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield n
+        finally:
+            closed.append(True)
+
+    it = prefetched(endless())
+    assert next(it) == 1
+    it.close()
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name == "ingest-reader"]

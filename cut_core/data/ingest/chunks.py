@@ -4,7 +4,7 @@ text decoding the readers share (UTF-16/32 files marked by a byte-order mark).""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -75,3 +75,52 @@ def decoded_text(path: Path) -> tuple[str, str | None]:
     except UnicodeDecodeError as err:
         name = "UTF-8" if codec == "utf-8-sig" else f"{codec.upper()} (by its byte-order mark)"
         return raw[skip:].decode(codec, "replace"), f"{err.reason} at byte {err.start + skip}: the file is not valid {name}"
+
+
+def prefetched(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """`chunks`, with the next one read on a thread while the caller writes this one.
+
+    The JSONL reader's work (os.pread, numpy's newline search, Arrow's UTF-8 check) releases the
+    GIL, as DuckDB does while it checks and writes a chunk, so reading overlaps the statements
+    instead of adding to them. At most one chunk waits. An error in the reader is raised here, at
+    the chunk where it happened; closing this generator stops the thread."""
+    import queue
+    import threading
+
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+            put(end)
+        except BaseException as err:   # handed to the consumer, raised in its thread
+            put(err)
+        finally:
+            chunks.close()
+
+    thread = threading.Thread(target=read, name="ingest-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

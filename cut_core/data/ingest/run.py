@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from cut_core import dsl
 from cut_core.data import warehouse as wh
-from cut_core.data.ingest.chunks import wide_encoding
+from cut_core.data.ingest.chunks import prefetched, wide_encoding
 from cut_core.data.ingest.conversations import rewrite_conversations
 from cut_core.data.ingest.jsonl import read_jsonl, read_wide_lines
 from cut_core.data.ingest.report import FileReport, IngestReport, check_reject_rate, default_batch
@@ -125,7 +125,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
     wide = wide_encoding(path)
     if fmt == "jsonl":
         chunks = (read_wide_lines(path, *wide, max_record_bytes) if wide
-                  else read_jsonl(path, max_record_bytes))
+                  else prefetched(read_jsonl(path, max_record_bytes)))
     elif fmt == "json":
         chunks = read_json_array(cur, path, max_record_bytes)
     elif fmt == "parquet":
