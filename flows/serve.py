@@ -23,7 +23,12 @@ on the triplets no earlier round trained on, and ends without training when ther
 # No `from __future__ import annotations` here: the served flow travels to each run's process by
 # value (cloudpickle), and its parameter annotation must be the RunOverrides class itself, not a
 # string the other process cannot resolve.
+import inspect
+from uuid import UUID
+
 from prefect import flow
+from prefect.client.schemas.actions import DeploymentUpdate
+from prefect.deployments.runner import RunnerDeployment
 from pydantic import BaseModel, ConfigDict, Field
 
 from cut_core.dsl import Pipeline
@@ -78,32 +83,57 @@ def served_flow(pipeline: Pipeline):
     return served_align
 
 
-def refuse_unknown_parameters(deployment):
-    """Make the Prefect API refuse a run that sets any parameter but `overrides`.
+def closed_schema(schema: dict) -> dict:
+    """`schema` that refuses a parameter it does not declare (`additionalProperties: false`)."""
+    return {**schema, "additionalProperties": False}
+
+
+class ServedDeployment(RunnerDeployment):
+    """A RunnerDeployment whose registered parameter schema refuses any parameter but `overrides`.
 
     Prefect's generated schema checks the declared parameters (RunOverrides forbids extra
     fields) but lets unknown top-level ones through to the flow, which then refuses them itself
-    (a signature mismatch). `additionalProperties: false` stops them at the API already.
+    (validate_parameters: a signature mismatch, before any work). `additionalProperties: false`
+    stops them at the API already. Prefect 3 has no public argument for the schema a deployment
+    registers: `to_deployment`/`RunnerDeployment` generate it from the flow's signature into a
+    private attribute, and its model (`ParameterSchema`) has no `additionalProperties`. So this
+    deployment registers as usual (`apply`, or `aapply` when `prefect.serve` registers it) and
+    then sets the closed schema through the public client API (`update_deployment`). For the
+    instant between the two the flow's own check above is what refuses such a run.
     """
-    from prefect.utilities.callables import ParameterSchema
 
-    class ClosedParameterSchema(ParameterSchema):
-        additionalProperties: bool = False
+    def apply(self, *args, **kwargs) -> UUID:
+        from prefect.client.orchestration import get_client
 
-    schema = deployment._parameter_openapi_schema  # the schema apply() sends (a private field)
-    deployment._parameter_openapi_schema = ClosedParameterSchema(**schema.model_dump(), additionalProperties=False)
-    return deployment
+        deployment_id = super().apply(*args, **kwargs)
+        if inspect.isawaitable(deployment_id):  # called from async code, where the Prefect API is async
+            deployment_id.close()
+            raise RuntimeError("in async code, register a served deployment with `await deployment.aapply()`")
+        with get_client(sync_client=True) as client:
+            schema = client.read_deployment(deployment_id).parameter_openapi_schema
+            client.update_deployment(deployment_id, DeploymentUpdate(parameter_openapi_schema=closed_schema(schema)))
+        return deployment_id
+
+    async def aapply(self, *args, **kwargs) -> UUID:
+        from prefect.client.orchestration import get_client
+
+        deployment_id = await super().aapply(*args, **kwargs)
+        async with get_client() as client:
+            schema = (await client.read_deployment(deployment_id)).parameter_openapi_schema
+            await client.update_deployment(deployment_id,
+                                           DeploymentUpdate(parameter_openapi_schema=closed_schema(schema)))
+        return deployment_id
 
 
-def served_deployment(pipeline: Pipeline, *, cron: str | None = None):
+def served_deployment(pipeline: Pipeline, *, cron: str | None = None) -> ServedDeployment:
     """The deployment `cut-align serve` registers: the served flow, one run at a time."""
     kind = "online" if pipeline.online.iterations > 0 else "offline"
-    return refuse_unknown_parameters(served_flow(pipeline).to_deployment(
-        name=pipeline.name, cron=cron, concurrency_limit=1, enforce_parameter_schema=True,
+    return ServedDeployment.from_flow(
+        served_flow(pipeline), name=pipeline.name, cron=cron, concurrency_limit=1, enforce_parameter_schema=True,
         tags=["cut-align", kind], version=digest_text(pipeline.to_json()),
         description=(f"{kind} CUT alignment of the declaration {pipeline.name} (digest "
                      f"{digest_text(pipeline.to_json())}), fixed when served; a run may override only "
-                     "iterations and prompts_per_iteration")))
+                     "iterations and prompts_per_iteration"))
 
 
 def serve(pipeline: Pipeline, *, cron: str) -> None:

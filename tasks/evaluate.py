@@ -30,8 +30,9 @@ def samples_markdown(samples: list[dict], limit: int = 10) -> str:
 
 
 @task(name="evaluate")
-def evaluate_model(pipeline_json: str, model_path: str, out_dir: str, label: str) -> dict:
-    """Score `model_path` on the held-out prompts; write metrics.json, samples.json, flags.html.
+def evaluate_model(pipeline: Pipeline, model_path: str, out_dir: str, label: str) -> dict:
+    """Score `model_path` on the held-out prompts of `pipeline`; write metrics.json, samples.json,
+    flags.html. Returns {"metrics", "dir"} (tasks/results.py Evaluated).
 
     Raises EvaluationRefused (after writing the files, so the failed calls can be read) when more
     than evaluation.max_failed_rate of the judge calls failed or fewer than evaluation.min_judged
@@ -39,7 +40,6 @@ def evaluate_model(pipeline_json: str, model_path: str, out_dir: str, label: str
     so a rerun evaluates again.
     """
     logger = get_run_logger()
-    pipeline = Pipeline.from_json(pipeline_json)
     spec = pipeline.evaluation
     rows = read_prompts(spec.heldout).head(spec.max_prompts).to_dicts()
     generation = pipeline.generation

@@ -78,16 +78,16 @@ def _check(counts: dict, judge: Judge, max_failed_rate: float) -> None:
 # Retries are cheap here: judgments already stored are cached, so a retry only re-sends what is
 # still missing (earlier failures included). They cover a briefly busy warehouse or endpoint.
 @task(name="label-unlabeled", retries=2, retry_delay_seconds=30)
-def label_unlabeled(pipeline_json: str, warehouse: str, files: list[str] | None = None, *,
+def label_unlabeled(pipeline: Pipeline, warehouse: str, files: list[str] | None = None, *,
                     digests: list[str] | None = None, max_failed_rate: float = 0.5) -> dict:
     """Judge the unlabeled triplets (of the source paths `files`, or of the files with these
-    ingest `digests`, when given; else all) and label them.
+    ingest `digests`, when given; else all) with `pipeline`'s judge and label them.
 
     Returns the counts of `label_pending` plus `labeled` (triplets that received a judgment).
     A failed judgment is stored as such and leaves its triplet unlabeled: it is not trained on,
     and the next run retries it.
     """
-    judge = pipeline_judge(Pipeline.from_json(pipeline_json))
+    judge = pipeline_judge(pipeline)
     con = connect(warehouse)
     try:
         if digests is not None:
@@ -103,16 +103,17 @@ def label_unlabeled(pipeline_json: str, warehouse: str, files: list[str] | None 
 
 
 @task(name="judge-generations", retries=2, retry_delay_seconds=30)
-def judge_pairs(pipeline_json: str, warehouse: str, generations: str, batch: str, out_dir: str, *,
+def judge_pairs(pipeline: Pipeline, warehouse: str, generations: str, batch: str, out_dir: str, *,
                 max_failed_rate: float = 0.5) -> dict:
-    """Judge generated (instruction, response) pairs and add them to `triplets` under `batch`.
+    """Judge generated (instruction, response) pairs with `pipeline`'s judge and add them to
+    `triplets` under `batch`.
 
     generations: Parquet with prompt_index, instruction, response (tasks/generate.py).
     Every pair becomes a triplet (source = the Parquet path, row_number = prompt_index); a pair
     whose judgment failed is added unlabeled (polarity NULL), so materialize skips it. Writes
     `<out_dir>/judgments.parquet` (pair, judgment, polarity, status, error) for inspection.
     """
-    judge = pipeline_judge(Pipeline.from_json(pipeline_json))
+    judge = pipeline_judge(pipeline)
     frame = pl.read_parquet(generations).select("prompt_index", "instruction", "response")
     con = connect(warehouse)
     try:

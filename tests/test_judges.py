@@ -372,9 +372,8 @@ def test_labeling_over_http_counts_failures(tmp_path, server):
     con.close()
 
 
-def _pipeline_json(tmp_path, callable_path: str) -> str:
-    return dsl.Pipeline(name="label-test", workdir=str(tmp_path),
-                        judge=dsl.FunctionJudge(callable=callable_path)).to_json()
+def _pipeline(tmp_path, callable_path: str) -> dsl.Pipeline:
+    return dsl.Pipeline(name="label-test", workdir=str(tmp_path), judge=dsl.FunctionJudge(callable=callable_path))
 
 
 @pytest.fixture
@@ -398,14 +397,14 @@ def test_label_unlabeled_task(tmp_path, sum_verifier):
     con.execute("UPDATE triplets SET source = 'other.jsonl' WHERE instruction = '2+2'")
     con.close()
 
-    pipeline_json = _pipeline_json(tmp_path, sum_verifier)
-    counts = label_unlabeled.fn(pipeline_json, db, ["test"])  # only the rows from source 'test'
+    pipeline = _pipeline(tmp_path, sum_verifier)
+    counts = label_unlabeled.fn(pipeline, db, ["test"])  # only the rows from source 'test'
     assert (counts["judged"], counts["ok"], counts["failed"], counts["labeled"]) == (2, 1, 1, 1)
-    again = label_unlabeled.fn(pipeline_json, db, ["test"], max_failed_rate=1.0)  # the failed one, retried
+    again = label_unlabeled.fn(pipeline, db, ["test"], max_failed_rate=1.0)  # the failed one, retried
     assert (again["requested"], again["cached"], again["retried"], again["judged"]) == (1, 0, 1, 1)
     with pytest.raises(TooManyFailedJudgments, match="1 of 1 judge calls failed"):
-        label_unlabeled.fn(pipeline_json, db, ["test"])  # most calls failed: the flow must stop
-    counts = label_unlabeled.fn(pipeline_json, db)  # all sources: now the other file's row too
+        label_unlabeled.fn(pipeline, db, ["test"])  # most calls failed: the flow must stop
+    counts = label_unlabeled.fn(pipeline, db)  # all sources: now the other file's row too
     assert counts["labeled"] == 1 and counts["negatives"] == 1
 
 
@@ -420,7 +419,7 @@ def test_judge_pairs_task_adds_triplets_failures_unlabeled(tmp_path, sum_verifie
     pl.DataFrame({"prompt_index": [7, 8, 9], "instruction": ["1+1", "2+2", "crash"],
                   "response": ["2", "5", "x"]}).write_parquet(generations)
 
-    counts = judge_pairs.fn(_pipeline_json(tmp_path, sum_verifier), db, str(generations), "run/iter-1",
+    counts = judge_pairs.fn(_pipeline(tmp_path, sum_verifier), db, str(generations), "run/iter-1",
                             str(tmp_path / "stage"))
     assert (counts["judged"], counts["labeled"], counts["unlabeled"], counts["triplets_added"]) == (3, 2, 1, 3)
     con = warehouse.connect(db)

@@ -108,6 +108,23 @@ def test_a_served_run_cannot_supply_a_declaration_or_code(tmp_path, prefect_harn
     assert not sentinel.exists()
 
 
+def test_the_schema_is_closed_when_serve_registers_the_deployment(tmp_path, prefect_harness):
+    """`cut-align serve` registers through Prefect's runner (`prefect.serve`: Runner.add_deployment,
+    the async `aapply`), not `apply`: the deployment it registers refuses unknown parameters too."""
+    from prefect.client.orchestration import get_client
+    from prefect.runner import Runner
+
+    from flows.serve import served_deployment
+
+    served = served_pipeline(tmp_path).model_copy(update={"name": "served-by-runner"})
+    deployment_id = Runner(limit=1).add_deployment(served_deployment(served, cron="0 3 * * *"))
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+    assert deployment.parameter_openapi_schema["additionalProperties"] is False
+    assert set(deployment.parameter_openapi_schema["properties"]) == {"overrides"}
+    assert deployment.enforce_parameter_schema and deployment.global_concurrency_limit.limit == 1
+
+
 def test_overrides_change_only_what_they_name(tmp_path, monkeypatch):
     import flows.serve as serve
 
