@@ -19,6 +19,8 @@ final hidden states through `loss.fused_gold_logprobs` (the [tokens, vocab] logi
 whole, in forward or backward), else from materialized logits at the response positions. A
 head that cannot be fused (an unknown output transform, LoRA dropout on lm_head, DoRA) falls
 back to materialized logits and says so once per model, through the `cut_core.data.sequences` logger.
+`response_outputs` is that forward pass's outputs (hidden states with the head, or logits) and
+gold targets, for a loss that needs more than the gold log-probs (the trainer's self-distillation).
 """
 
 from __future__ import annotations
@@ -321,6 +323,32 @@ def _verify(model: Any, head: OutputHead) -> tuple[bool, str]:
 _WARNED: set[tuple[str, str]] = set()
 
 
+def response_outputs(model: Any, input_ids: torch.Tensor, predict_mask: torch.Tensor, *,
+                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     fused: bool = True) -> tuple[torch.Tensor, OutputHead | None, torch.Tensor]:
+    """One forward pass's outputs at the `predict_mask` positions, flat (row-major): (outputs
+    [n, d], head, targets [n]). With fused=True and a head `fusable_head` accepts, the outputs
+    are the final hidden states (the head bypassed) and `head` projects them; else they are the
+    logits and `head` is None (the fallback logged once per model, with why). `targets` are the
+    gold next tokens. What a loss that needs more than the gold log-probs (self-distillation's
+    divergence) is computed from; `gold_response_logprobs` is the gold log-probs of it."""
+    targets = input_ids[:, 1:][predict_mask[:, :-1]]
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  logits_to_keep=predict_mask, use_cache=False)
+    if fused:
+        head, why = fusable_head(model)
+        if head is not None:
+            with _head_bypassed(model, head.module):
+                hidden = model(**kwargs).logits
+            return hidden.reshape(-1, hidden.shape[-1]), head, targets
+        key = (type(causal_lm(model)).__name__, why)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            log.warning("log-probs from materialized logits for %s: %s", key[0], why)
+    logits = model(**kwargs).logits
+    return logits.reshape(-1, logits.shape[-1]), None, targets
+
+
 def gold_response_logprobs(model: Any, input_ids: torch.Tensor, predict_mask: torch.Tensor, *,
                            attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                            fused: bool = True, chunk_size: int | None = None) -> torch.Tensor:
@@ -331,22 +359,18 @@ def gold_response_logprobs(model: Any, input_ids: torch.Tensor, predict_mask: to
     backward); falls back to materialized logits, logging why once, for a head it cannot fuse.
     fused=False: logits at those positions (`logits_to_keep`), then `loss.gold_logprobs`.
     """
-    targets = input_ids[:, 1:][predict_mask[:, :-1]]
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  logits_to_keep=predict_mask, use_cache=False)
-    if fused:
-        head, why = fusable_head(model)
-        if head is not None:
-            with _head_bypassed(model, head.module):
-                hidden = model(**kwargs).logits
-            return fused_gold_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
-                                       bias=head.bias, softcap=head.softcap, chunk_size=chunk_size)
-        key = (type(causal_lm(model)).__name__, why)
-        if key not in _WARNED:
-            _WARNED.add(key)
-            log.warning("log-probs from materialized logits for %s: %s", key[0], why)
-    logits = model(**kwargs).logits
-    return gold_logprobs(logits.reshape(-1, logits.shape[-1]), targets, chunk_size=chunk_size)
+    outputs, head, targets = response_outputs(model, input_ids, predict_mask, attention_mask=attention_mask,
+                                              position_ids=position_ids, fused=fused)
+    return gold_logprobs_of(outputs, head, targets, chunk_size=chunk_size)
+
+
+def gold_logprobs_of(outputs: torch.Tensor, head: OutputHead | None, targets: torch.Tensor, *,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """log p(target) of `response_outputs`' outputs: through `head` (hidden states) or from logits (None)."""
+    if head is not None:
+        return fused_gold_logprobs(outputs, head.weight, targets, bias=head.bias, softcap=head.softcap,
+                                   chunk_size=chunk_size)
+    return gold_logprobs(outputs, targets, chunk_size=chunk_size)
 
 
 def response_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, pad_id: int,

@@ -37,7 +37,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from cut_core.files import write_text_atomic
 from cut_core.train.loss import cut_objective
-from cut_core.data.sequences import gold_response_logprobs, left_aligned, pad_id, right_padded
+from cut_core.data.sequences import (gold_logprobs_of, gold_response_logprobs, left_aligned, pad_id,
+                                    response_outputs, right_padded)
 
 KINDS = ("align_p", "align_n", "misalign", "mle")
 COMPLETE = "COMPLETE"
@@ -357,37 +358,27 @@ class CUTTrainer(Trainer):
         """objective 'self_distill': the plain pass is the student (Misalign rows, then nll rows), the
         judged pass (Align-N) the teacher, run without gradient; one forward per pass, divergence and
         gold log-probs from the same response-position outputs (hidden states with a fusable head)."""
-        from cut_core.train.loss import fused_gold_logprobs, gold_logprobs, self_distill_objective, self_distill_token_loss
-        from cut_core.data.sequences import _head_bypassed, fusable_head
+        from cut_core.train.loss import self_distill_objective, self_distill_token_loss
 
         def outputs(prefix: str):
-            head = fusable_head(model)[0] if self.args.logprob_path == "fused" else None
-            kwargs = dict(input_ids=inputs[f"{prefix}input_ids"], attention_mask=inputs.get(f"{prefix}attention_mask"),
-                          position_ids=inputs.get(f"{prefix}position_ids"),
-                          logits_to_keep=inputs[f"{prefix}predict_mask"], use_cache=False)
-            if head is None:
-                out = model(**kwargs).logits
-            else:
-                with _head_bypassed(model, head.module):
-                    out = model(**kwargs).logits
-            return out.reshape(-1, out.shape[-1]), head
+            return response_outputs(model, inputs[f"{prefix}input_ids"], inputs[f"{prefix}predict_mask"],
+                                    attention_mask=inputs.get(f"{prefix}attention_mask"),
+                                    position_ids=inputs.get(f"{prefix}position_ids"),
+                                    fused=self.args.logprob_path == "fused")
 
-        ids, lengths = inputs["input_ids"], inputs["response_lengths"]
-        student, head = outputs("")
+        lengths = inputs["response_lengths"]
+        student, head, targets = outputs("")
         proj = dict(weight=head.weight, bias=head.bias, softcap=head.softcap) if head is not None else {}
         n_cut = inputs["judged_input_ids"].shape[0] if "judged_input_ids" in inputs else 0
         n_tok = int(lengths[:n_cut].sum())
-        targets = ids[:, 1:][inputs["predict_mask"][:, :-1]][n_tok:]
         chunk = self.args.logprob_chunk_size
-        logp_rest = (fused_gold_logprobs(student[n_tok:], head.weight, targets, bias=head.bias, softcap=head.softcap,
-                                         chunk_size=chunk) if head is not None
-                     else gold_logprobs(student[n_tok:], targets, chunk_size=chunk))
+        logp_rest = gold_logprobs_of(student[n_tok:], head, targets[n_tok:], chunk_size=chunk)
         logp_pos, pos_mask = left_aligned(logp_rest, lengths[n_cut:])
         if n_cut:
             if not torch.equal(inputs["judged_response_lengths"], lengths[:n_cut]):
                 raise ValueError("self_distill: Align-N and Misalign rows differ in response length")
             with torch.no_grad():
-                teacher, _ = outputs("judged_")
+                teacher, _, _ = outputs("judged_")
             per_token = self_distill_token_loss(student[:n_tok], teacher, distillation_alpha=self.args.distillation_alpha,
                                                 chunk_size=chunk, **proj)
             divergence, neg_mask = left_aligned(per_token, lengths[:n_cut])
