@@ -21,6 +21,9 @@ head that cannot be fused (an unknown output transform, LoRA dropout on lm_head,
 back to materialized logits and says so once per model, through the `cut_core.data.sequences` logger.
 `response_outputs` is that forward pass's outputs (hidden states with the head, or logits) and
 gold targets, for a loss that needs more than the gold log-probs (the trainer's self-distillation).
+Of (prompt ids, response ids) pairs: `response_logprobs` (one tensor a pair, in batches of similar
+length: evaluation's scoring) and `batch_response_logprobs` (the pairs as one padded batch in their
+order, [pairs, N] with a mask: the demo's warm start trains through it).
 """
 
 from __future__ import annotations
@@ -377,15 +380,31 @@ def response_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], 
                       batch_size: int, fused: bool = True) -> list[torch.Tensor]:
     """log p(y_t | y<t, prompt) of every response token of (prompt ids, response ids) pairs (fit
     them first), one fp32 tensor each, in order; batches of similar length, right-padded.
-    Differentiable when called with grad enabled (the demo's warm start trains through it)."""
+    Differentiable when called with grad enabled."""
     out: list[torch.Tensor | None] = [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    device = next(model.parameters()).device
     for s in range(0, len(order), batch_size):
         batch = order[s:s + batch_size]
-        b = right_padded([pairs[i][0] + pairs[i][1] for i in batch], [len(pairs[i][0]) for i in batch], pad_id)
-        flat = gold_response_logprobs(model, b["input_ids"].to(device), b["predict_mask"].to(device),
-                                      attention_mask=b["attention_mask"].to(device), fused=fused)
-        for i, piece in zip(batch, torch.split(flat, b["response_lengths"].tolist())):
+        flat, lengths = _one_batch(model, [pairs[i] for i in batch], pad_id, fused)
+        for i, piece in zip(batch, torch.split(flat, lengths.tolist())):
             out[i] = piece
     return out  # type: ignore[return-value]
+
+
+def batch_response_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, pad_id: int,
+                            fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` of the pairs as ONE right-padded batch in their order, returned as
+    [pairs, longest response] (left-aligned) with its mask: what a loss over a training batch
+    reads (the demo's warm start trains through it)."""
+    flat, lengths = _one_batch(model, pairs, pad_id, fused)
+    return left_aligned(flat, lengths)
+
+
+def _one_batch(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int,
+               fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat response log-probs, response lengths) of the pairs right-padded into one batch."""
+    device = next(model.parameters()).device
+    b = right_padded([p + r for p, r in pairs], [len(p) for p, _ in pairs], pad_id)
+    flat = gold_response_logprobs(model, b["input_ids"].to(device), b["predict_mask"].to(device),
+                                  attention_mask=b["attention_mask"].to(device), fused=fused)
+    return flat, b["response_lengths"]
