@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from cut_core.dsl import CUT, SelfDistill
 from cut_core.files import write_text_atomic
 from cut_core.train.loss import cut_objective
 from cut_core.data.sequences import (gold_logprobs_of, gold_response_logprobs, left_aligned, pad_id,
@@ -252,23 +253,34 @@ def padding_efficiency(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- config
 
+def _section_default(section: type, name: str) -> Any:
+    """The default of a DSL section's field: CUTConfig's loss fields take theirs from the sections
+    that own them (`dsl.CUT`, `dsl.SelfDistill`), so the two cannot drift apart."""
+    return section.model_fields[name].default
+
+
+# The objectives CUTTrainer trains, by the names of the DSL sections it trains them for.
+TRAINED_OBJECTIVES = (_section_default(CUT, "name"), _section_default(SelfDistill, "name"))
+
+
 @dataclass
 class CUTConfig(TrainingArguments):
-    """`TrainingArguments` plus the CUT objective. Defaults of the objective follow the DSL's
-    `CUT` and `SelfDistill` sections; the optimiser defaults follow METHOD.md §5 where the DSL passes them in."""
+    """`TrainingArguments` plus the CUT objective. The objective's fields take their defaults and
+    their rules from the DSL's `CUT` and `SelfDistill` sections (one owner: a value the DSL refuses
+    is refused here too); the optimiser defaults follow METHOD.md §5 where the DSL passes them in."""
 
-    threshold: float = field(default=1.2, metadata={
+    threshold: float = field(default=_section_default(CUT, "threshold"), metadata={
         "help": "lambda of Eq. 5: flag token t when p(y_t|x,j-)/p(y_t|x) > lambda (>= 1; inf flags nothing)."})
-    alpha: float = field(default=0.5, metadata={"help": "unlikelihood weight alpha of Eq. 6, in (0, 1]."})
-    gamma: float = field(default=0.0, metadata={
+    alpha: float = field(default=_section_default(CUT, "alpha"), metadata={"help": "unlikelihood weight alpha of Eq. 6, in (0, 1]."})
+    gamma: float = field(default=_section_default(CUT, "gamma"), metadata={
         "help": "focal exponent: w_t = alpha * p(y_t|x,j-)**gamma (0 = the reference code)."})
-    weighting: str = field(default="reference", metadata={
+    weighting: str = field(default=_section_default(CUT, "weighting"), metadata={
         "help": "'reference': a negative record's loss is 1/2 (NLL(Align-N) + L1); 'paper': L1 + NLL(Align-N)."})
-    objective: str = field(default="cut", metadata={
+    objective: str = field(default=TRAINED_OBJECTIVES[0], metadata={
         "help": "'cut' (and the NLL baselines, whose examples are all NLL records), or 'self_distill': each "
         "Misalign row is distilled from its Align-N twin (the same model with the judgment in context, no "
         "gradient) on the same response tokens (loss.self_distill_objective)."})
-    distillation_alpha: float = field(default=0.5, metadata={
+    distillation_alpha: float = field(default=_section_default(SelfDistill, "distillation_alpha"), metadata={
         "help": "self_distill: TRL's divergence mix: 0 forward KL(teacher||student), 1 reverse KL, 0.5 JSD."})
     logprob_chunk_size: int | None = field(default=None, metadata={
         "help": "rows of logits computed / upcast to fp32 at once (None: 2**24 elements' worth)."})
@@ -289,15 +301,27 @@ class CUTConfig(TrainingArguments):
         "help": "checkpoints kept; >= 2 so a complete one survives while the next is written."})
 
     def __post_init__(self):
-        if self.weighting not in ("reference", "paper"):
-            raise ValueError(f"weighting must be 'reference' or 'paper', got {self.weighting!r}")
-        if self.threshold < 1.0:
-            raise ValueError(f"threshold must be >= 1, got {self.threshold}")
-        if self.objective not in ("cut", "self_distill"):
-            raise ValueError(f"objective must be 'cut' or 'self_distill', got {self.objective!r}")
+        _check_objective_fields(self)
+        if self.objective not in TRAINED_OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(map(repr, TRAINED_OBJECTIVES))}, "
+                             f"got {self.objective!r}")
         if self.logprob_path not in ("fused", "materialized"):
             raise ValueError(f"logprob_path must be 'fused' or 'materialized', got {self.logprob_path!r}")
         super().__post_init__()
+
+
+def _check_objective_fields(args: CUTConfig) -> None:
+    """The loss fields checked by the DSL sections that own their rules (`dsl.CUT`,
+    `dsl.SelfDistill`); a value they refuse is a ValueError, one line naming the field and its value."""
+    from pydantic import ValidationError
+
+    try:
+        CUT(threshold=args.threshold, alpha=args.alpha, gamma=args.gamma, weighting=args.weighting)
+        SelfDistill(distillation_alpha=args.distillation_alpha)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(map(str, first["loc"]))
+        raise ValueError(f"{name}: {first['msg']}, got {getattr(args, name, first['input'])!r}") from None
 
 
 # ---------------------------------------------------------------- the trainer
