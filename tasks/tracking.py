@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,10 +290,10 @@ def resolve_model(model_name: str, *, version: int | None = None, alias: str | N
     if _holds(target, digest):
         return resolved(target, "cache", skipped)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     uri = f"models:/{model_name}/{number}"
-    try:
+    # Downloaded into a folder built aside, verified, and renamed into place over a stale or
+    # altered copy (files.build_dir); a failed check leaves `target` as it was.
+    with build_dir(target) as tmp:
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri())
         except Exception as err:  # noqa: BLE001 - any store failure is the same error for the user
@@ -312,15 +310,6 @@ def resolve_model(model_name: str, *, version: int | None = None, alias: str | N
             raise RegistryError(f"{uri} fetched from {found.source} has weights sha256 {got[:12]}…, "
                                 f"not the registered {digest[:12]}…: the stored artifacts were altered "
                                 "after registration; register a new version")
-        if target.exists():  # a stale or altered copy: replaced by the verified one
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process put a copy there first
-            if not _holds(target, digest):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return resolved(target, "download", skipped)
 
 

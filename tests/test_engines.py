@@ -144,6 +144,22 @@ def test_a_server_that_does_not_answer_and_an_absent_vllm_are_one_line_refusals(
         engines.VLLMEngine(str(tmp_path / "no-venv" / "bin" / "python")).generate(str(tmp_path), [[1]], Sampling())
 
 
+def test_a_server_reply_quoted_in_a_refusal_has_the_key_scrubbed_as_judges_scrub_theirs():
+    """One rule (cut_core/secrets.py) for what of a key may appear in a text: an engine's
+    refusal quoting a reply that echoed the key says [redacted], as a judge's error does."""
+    from types import SimpleNamespace
+
+    from cut_core.judge import scrub
+
+    key = "sk-test-0123456789"
+    reply = SimpleNamespace(status_code=401, text=f"invalid key {key} for this model")
+    client = SimpleNamespace(post=lambda url, json: reply)
+    engine = engines.OpenAIEngine("http://127.0.0.1:8000/v1", api_key=key, max_retries=0)
+    with pytest.raises(EngineRefused) as refused:
+        engine._complete(client, {"model": "m", "prompt": [1]})
+    assert key not in str(refused.value) and repr(scrub(reply.text, [key]))[:40] in str(refused.value)
+
+
 # ---------------------------------------------------------------- the warehouse names the engine
 
 def test_generations_record_the_engine_and_an_older_warehouse_gains_the_column(tmp_path):

@@ -127,3 +127,18 @@ def test_response_logprobs_match_a_full_forward(setup):
         logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
     want = logits.log_softmax(-1)[len(prompt) - 1:-1].gather(-1, torch.tensor(response)[:, None])[:, 0]
     torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+
+
+def test_one_batch_of_response_logprobs_is_response_logprobs_in_order(setup):
+    """batch_response_logprobs (the demo's warm start: one padded batch, in order, [pairs, N] with a
+    mask) gives each pair the log-probs response_logprobs (sorted, batched) gives it."""
+    _, tok, model = setup
+    prompts = sequences.plain_prompt_ids(tok, [INSTRUCTION, "Say hi."], "alpaca")
+    responses = sequences.response_ids(tok, [RESPONSE, "Hi"])
+    pairs = list(zip(prompts, responses))
+    with torch.no_grad():
+        rows, mask = sequences.batch_response_logprobs(model, pairs, pad_id=tok.pad_token_id)
+        each = sequences.response_logprobs(model, pairs, pad_id=tok.pad_token_id, batch_size=1)
+    assert mask.sum(-1).tolist() == [len(r) for r in responses]
+    for row, m, want in zip(rows, mask, each):
+        torch.testing.assert_close(row[m], want, atol=1e-5, rtol=0)

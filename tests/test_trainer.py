@@ -333,3 +333,27 @@ def test_baseline_mle_rows_train_as_plain_nll_and_mismatched_objectives_are_refu
 
     with pytest.raises(UserError, match="unknown config keys"):  # the user's to fix: exit 3, never retried
         train_cli.run({**cfg, "output_dir": str(tmp_path / "bad2"), "epochs": 3})
+
+
+def test_cut_config_takes_its_objective_defaults_and_rules_from_the_dsl_sections(tmp_path):
+    """CUTConfig's loss fields are owned by dsl.CUT / dsl.SelfDistill: the same defaults, and a
+    value a section refuses is refused by CUTConfig too (one line naming the field)."""
+    from pydantic import ValidationError
+
+    from cut_core.dsl import CUT, SelfDistill
+
+    args = CUTConfig(output_dir=str(tmp_path), use_cpu=True)
+    cut, distill = CUT(), SelfDistill()
+    assert (args.threshold, args.alpha, args.gamma, args.weighting) == (cut.threshold, cut.alpha, cut.gamma,
+                                                                        cut.weighting)
+    assert (args.objective, args.distillation_alpha) == (cut.name, distill.distillation_alpha)
+    for section, field, bad in [(CUT, "threshold", 0.99), (CUT, "alpha", 0.0), (CUT, "alpha", 1.5),
+                                (CUT, "gamma", -1.0), (CUT, "weighting", "mean"),
+                                (SelfDistill, "distillation_alpha", 1.5)]:
+        with pytest.raises(ValidationError):
+            section(**{field: bad})
+        with pytest.raises(ValueError, match=f"^{field}: .*got {bad!r}"):
+            CUTConfig(output_dir=str(tmp_path), use_cpu=True, **{field: bad})
+    assert CUTConfig(output_dir=str(tmp_path), use_cpu=True, threshold=float("inf")).threshold == float("inf")
+    with pytest.raises(ValueError, match="objective must be one of 'cut', 'self_distill'"):
+        CUTConfig(output_dir=str(tmp_path), use_cpu=True, objective="dpo")

@@ -19,6 +19,11 @@ final hidden states through `loss.fused_gold_logprobs` (the [tokens, vocab] logi
 whole, in forward or backward), else from materialized logits at the response positions. A
 head that cannot be fused (an unknown output transform, LoRA dropout on lm_head, DoRA) falls
 back to materialized logits and says so once per model, through the `cut_core.data.sequences` logger.
+`response_outputs` is that forward pass's outputs (hidden states with the head, or logits) and
+gold targets, for a loss that needs more than the gold log-probs (the trainer's self-distillation).
+Of (prompt ids, response ids) pairs: `response_logprobs` (one tensor a pair, in batches of similar
+length: evaluation's scoring) and `batch_response_logprobs` (the pairs as one padded batch in their
+order, [pairs, N] with a mask: the demo's warm start trains through it).
 """
 
 from __future__ import annotations
@@ -321,6 +326,32 @@ def _verify(model: Any, head: OutputHead) -> tuple[bool, str]:
 _WARNED: set[tuple[str, str]] = set()
 
 
+def response_outputs(model: Any, input_ids: torch.Tensor, predict_mask: torch.Tensor, *,
+                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     fused: bool = True) -> tuple[torch.Tensor, OutputHead | None, torch.Tensor]:
+    """One forward pass's outputs at the `predict_mask` positions, flat (row-major): (outputs
+    [n, d], head, targets [n]). With fused=True and a head `fusable_head` accepts, the outputs
+    are the final hidden states (the head bypassed) and `head` projects them; else they are the
+    logits and `head` is None (the fallback logged once per model, with why). `targets` are the
+    gold next tokens. What a loss that needs more than the gold log-probs (self-distillation's
+    divergence) is computed from; `gold_response_logprobs` is the gold log-probs of it."""
+    targets = input_ids[:, 1:][predict_mask[:, :-1]]
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  logits_to_keep=predict_mask, use_cache=False)
+    if fused:
+        head, why = fusable_head(model)
+        if head is not None:
+            with _head_bypassed(model, head.module):
+                hidden = model(**kwargs).logits
+            return hidden.reshape(-1, hidden.shape[-1]), head, targets
+        key = (type(causal_lm(model)).__name__, why)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            log.warning("log-probs from materialized logits for %s: %s", key[0], why)
+    logits = model(**kwargs).logits
+    return logits.reshape(-1, logits.shape[-1]), None, targets
+
+
 def gold_response_logprobs(model: Any, input_ids: torch.Tensor, predict_mask: torch.Tensor, *,
                            attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                            fused: bool = True, chunk_size: int | None = None) -> torch.Tensor:
@@ -331,37 +362,49 @@ def gold_response_logprobs(model: Any, input_ids: torch.Tensor, predict_mask: to
     backward); falls back to materialized logits, logging why once, for a head it cannot fuse.
     fused=False: logits at those positions (`logits_to_keep`), then `loss.gold_logprobs`.
     """
-    targets = input_ids[:, 1:][predict_mask[:, :-1]]
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  logits_to_keep=predict_mask, use_cache=False)
-    if fused:
-        head, why = fusable_head(model)
-        if head is not None:
-            with _head_bypassed(model, head.module):
-                hidden = model(**kwargs).logits
-            return fused_gold_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
-                                       bias=head.bias, softcap=head.softcap, chunk_size=chunk_size)
-        key = (type(causal_lm(model)).__name__, why)
-        if key not in _WARNED:
-            _WARNED.add(key)
-            log.warning("log-probs from materialized logits for %s: %s", key[0], why)
-    logits = model(**kwargs).logits
-    return gold_logprobs(logits.reshape(-1, logits.shape[-1]), targets, chunk_size=chunk_size)
+    outputs, head, targets = response_outputs(model, input_ids, predict_mask, attention_mask=attention_mask,
+                                              position_ids=position_ids, fused=fused)
+    return gold_logprobs_of(outputs, head, targets, chunk_size=chunk_size)
+
+
+def gold_logprobs_of(outputs: torch.Tensor, head: OutputHead | None, targets: torch.Tensor, *,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """log p(target) of `response_outputs`' outputs: through `head` (hidden states) or from logits (None)."""
+    if head is not None:
+        return fused_gold_logprobs(outputs, head.weight, targets, bias=head.bias, softcap=head.softcap,
+                                   chunk_size=chunk_size)
+    return gold_logprobs(outputs, targets, chunk_size=chunk_size)
 
 
 def response_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, pad_id: int,
                       batch_size: int, fused: bool = True) -> list[torch.Tensor]:
     """log p(y_t | y<t, prompt) of every response token of (prompt ids, response ids) pairs (fit
     them first), one fp32 tensor each, in order; batches of similar length, right-padded.
-    Differentiable when called with grad enabled (the demo's warm start trains through it)."""
+    Differentiable when called with grad enabled."""
     out: list[torch.Tensor | None] = [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    device = next(model.parameters()).device
     for s in range(0, len(order), batch_size):
         batch = order[s:s + batch_size]
-        b = right_padded([pairs[i][0] + pairs[i][1] for i in batch], [len(pairs[i][0]) for i in batch], pad_id)
-        flat = gold_response_logprobs(model, b["input_ids"].to(device), b["predict_mask"].to(device),
-                                      attention_mask=b["attention_mask"].to(device), fused=fused)
-        for i, piece in zip(batch, torch.split(flat, b["response_lengths"].tolist())):
+        flat, lengths = _one_batch(model, [pairs[i] for i in batch], pad_id, fused)
+        for i, piece in zip(batch, torch.split(flat, lengths.tolist())):
             out[i] = piece
     return out  # type: ignore[return-value]
+
+
+def batch_response_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, pad_id: int,
+                            fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` of the pairs as ONE right-padded batch in their order, returned as
+    [pairs, longest response] (left-aligned) with its mask: what a loss over a training batch
+    reads (the demo's warm start trains through it)."""
+    flat, lengths = _one_batch(model, pairs, pad_id, fused)
+    return left_aligned(flat, lengths)
+
+
+def _one_batch(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int,
+               fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat response log-probs, response lengths) of the pairs right-padded into one batch."""
+    device = next(model.parameters()).device
+    b = right_padded([p + r for p, r in pairs], [len(p) for p, _ in pairs], pad_id)
+    flat = gold_response_logprobs(model, b["input_ids"].to(device), b["predict_mask"].to(device),
+                                  attention_mask=b["attention_mask"].to(device), fused=fused)
+    return flat, b["response_lengths"]

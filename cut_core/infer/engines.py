@@ -46,6 +46,7 @@ from typing import Any, Sequence
 from cut_core import dsl
 from cut_core.errors import UserError
 from cut_core.models.lineage import read_lineage
+from cut_core.secrets import public_url, scrub
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # cut_core/infer/engines.py -> the repository
 DEFAULT_VLLM_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
@@ -79,7 +80,6 @@ class Sampling:
 def engine_name(spec: dsl.Generation) -> str:
     """What the warehouse records as the engine of a generation (no credentials: public URL)."""
     if spec.engine == "openai":
-        from cut_core.judge import public_url
         return f"openai:{public_url(spec.base_url)}" + (f"|{spec.model}" if spec.model else "")
     return spec.engine
 
@@ -202,9 +202,9 @@ class OpenAIEngine:
                  prompt_format: str = "ids", backoff_s: float = 1.0):
         self.base_url = dsl.check_base_url(base_url).rstrip("/")
         self.model, self.api_key = model, api_key
+        self.secrets: tuple[str, ...] = (api_key,) if api_key else ()  # scrubbed from the replies it quotes
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
         self.prompt_format, self.backoff_s = prompt_format, backoff_s
-        from cut_core.judge import public_url
         self.where = f"the server at {public_url(base_url)}"
 
     def _client(self):
@@ -212,9 +212,6 @@ class OpenAIEngine:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return httpx.Client(headers=headers, timeout=httpx.Timeout(self.timeout_s), follow_redirects=False,
                             limits=httpx.Limits(max_connections=self.concurrency))
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self.api_key, "[redacted]") if self.api_key else text
 
     def models(self, client) -> list[dict]:
         import httpx
@@ -239,7 +236,7 @@ class OpenAIEngine:
             return plan.name
         raise EngineRefused(
             f"{self.where} could not load the adapter of {model_path} ({resp.status_code}: "
-            f"{self._scrub(resp.text)[:160]!r}); start vLLM with --enable-lora (--max-lora-rank >= the adapter's r) "
+            f"{scrub(resp.text, self.secrets)[:160]!r}); start vLLM with --enable-lora (--max-lora-rank >= the adapter's r) "
             "and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or start it on the merged folder")
 
     def _prompts(self, ids: list[list[int]], tokenizer: Any) -> list[Any]:
@@ -279,7 +276,7 @@ class OpenAIEngine:
                 if resp.status_code == 200:
                     choices = sorted(resp.json()["choices"], key=lambda c: c.get("index", 0))
                     return [c["text"].strip() for c in choices]
-                error = f"{resp.status_code}: {self._scrub(resp.text)[:200]!r}"
+                error = f"{resp.status_code}: {scrub(resp.text, self.secrets)[:200]!r}"
                 if resp.status_code != 429 and resp.status_code < 500:
                     break
             if attempt < self.max_retries:

@@ -67,13 +67,6 @@ def scored_logprobs(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]],
     return [t.float().cpu() for t in out]
 
 
-def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[list[int]], *,
-                      batch_size: int, max_length: int | None = None) -> list[torch.Tensor]:
-    """`scored_logprobs` of rendered prompt texts (encoded by sequences.prompt_ids)."""
-    return scored_logprobs(model, tokenizer, sequences.prompt_ids(tokenizer, prompts), responses,
-                           batch_size=batch_size, max_length=max_length)
-
-
 def token_flags(model: Any, tokenizer: Any, items: Sequence[tuple[str, str, str]], *, threshold: float,
                 batch_size: int, template: str = "alpaca", max_length: int | None = None) -> list[dict]:
     """Eq. 5 on (instruction, response, negative judgment) triplets; an instruction may be a

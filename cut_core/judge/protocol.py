@@ -10,6 +10,8 @@ from typing import Any, Iterable, Protocol, Sequence
 
 from cut_core import dsl
 from cut_core.data.warehouse import content_key
+# What of a key may appear in a text: one rule for judges and engines (cut_core/secrets.py).
+from cut_core.secrets import REDACTED, public_url, scrub  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,6 @@ from cut_core.data.polarity import DEFAULT_FAILED_MARKERS, is_failed_marker, pol
 # refusal, "tool_calls"/"function_call" no judgment at all; a missing finish_reason cannot rule
 # out truncation. All of them are failed calls.
 NORMAL_FINISH = "stop"
-REDACTED = "[redacted]"
 # The cap on a judge reply's length sent as max_tokens. Without one a reply runs to the server's
 # own cap (`transformers serve` ran for minutes per reply and timed out). A reply cut by the cap
 # finishes with "length": a failed call, never a label.
@@ -85,16 +86,6 @@ def _ok_text(text: str | None, prefixes: Sequence[str], attempts: int, what: str
     return _ok(text, prefixes, attempts, failed_markers)
 
 
-def scrub(text: str | None, secrets: Iterable[str]) -> str | None:
-    """`text` with every occurrence of a known secret (an API key) replaced by [redacted]."""
-    if text is None:
-        return None
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
-
-
 def scrub_result(result: JudgeResult, secrets: Sequence[str]) -> JudgeResult:
     """The result with its judgment and error text scrubbed of `secrets` (stored texts never hold a key)."""
     if not secrets:
@@ -112,21 +103,6 @@ def usage_totals(results: Iterable[JudgeResult]) -> dict[str, int | None]:
         return sum(known) if known else None
     return {"prompt_tokens": total("prompt_tokens"), "completion_tokens": total("completion_tokens"),
             "usage_unknown": sum(r.usage_unknown for r in results)}
-
-
-def public_url(url: str) -> str:
-    """The URL without user:password@, query or fragment: what may appear in a name or a log."""
-    from urllib.parse import urlsplit, urlunsplit
-    try:
-        parts = urlsplit(url)
-        netloc = parts.hostname or ""
-        if ":" in netloc:  # IPv6
-            netloc = f"[{netloc}]"
-        if parts.port:
-            netloc += f":{parts.port}"
-    except ValueError:
-        return "<invalid url>"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
 
 
 def score_refusal(judged: int, failed: int, *, max_failed_rate: float, min_judged: int) -> str | None:

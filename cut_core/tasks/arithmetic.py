@@ -247,48 +247,19 @@ def encode_response(tokenizer, response: str) -> list[int]:
     return sequences.response_ids(tokenizer, [response])[0]
 
 
-def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """log p(response token | prefix) per record, as [R, N] with a mask (right padding): the
-    trainer's path (sequences.gold_response_logprobs: from hidden states, no full logits)."""
-    from cut_core.data import sequences
-
-    batch = sequences.right_padded([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], pad_id)
-    flat = sequences.gold_response_logprobs(model, batch["input_ids"], batch["predict_mask"],
-                                            attention_mask=batch["attention_mask"])
-    return sequences.left_aligned(flat, batch["response_lengths"])
-
-
 def greedy_answers(model, tokenizer, instructions: list[str], *, max_new_tokens: int = 5,
                    batch_size: int = 500) -> list[str]:
-    """Greedy plain-template answers, fast: prompts of one length run unpadded together."""
-    import torch
-    from cut_core.data import templates
+    """Greedy plain-template (alpaca) answers, through the project's generation (infer/generate.py:
+    the prompt ids training uses, decoding up to the first EOS), in eval mode."""
+    from cut_core.infer.generate import generate
 
     was_training = model.training
     model.eval()
-    prompts = [encode_prompt(tokenizer, templates.plain_prompt(x)) for x in instructions]
-    out: list[str | None] = [None] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    eos = tokenizer.eos_token_id
-    with torch.no_grad():
-        for group in by_len.values():
-            for k in range(0, len(group), batch_size):
-                rows = group[k:k + batch_size]
-                ids = torch.tensor([prompts[i] for i in rows])
-                new = []
-                for _ in range(max_new_tokens):
-                    nxt = model(input_ids=ids).logits[:, -1].argmax(-1)
-                    new.append(nxt)
-                    ids = torch.cat([ids, nxt[:, None]], 1)
-                    if (torch.stack(new, 1) == eos).any(1).all():
-                        break
-                for i, toks in zip(rows, torch.stack(new, 1).tolist()):
-                    toks = toks[:toks.index(eos)] if eos in toks else toks
-                    out[i] = tokenizer.decode(toks, skip_special_tokens=True)
-    model.train(was_training)
-    return out  # type: ignore[return-value]
+    try:
+        return generate(model, tokenizer, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        greedy=True, template="alpaca")
+    finally:
+        model.train(was_training)
 
 
 def accuracy(model, tokenizer, problems: list[tuple[int, int]]) -> dict[str, float]:
@@ -434,10 +405,10 @@ def build_base_model(out_dir, *, seed: int = 0, steps: int | None = None, batch_
                 rng, splits["warmstart"], tokenizer, cfg["batch_size"], cfg["p_drop"], cfg["judge_fraction"])
             per_record = []
             if plain_p:
-                logp, mask = response_logprobs(model, plain_p, plain_r, pad)
+                logp, mask = sequences.batch_response_logprobs(model, list(zip(plain_p, plain_r)), pad_id=pad)
                 per_record.append(-(logp * mask).sum(-1) / mask.sum(-1))
             if heads:
-                logp, mask = response_logprobs(model, heads, conts, pad)
+                logp, mask = sequences.batch_response_logprobs(model, list(zip(heads, conts)), pad_id=pad)
                 lengths = mask.sum(-1, keepdim=True)
                 pos = torch.arange(mask.shape[1])[None, :]
                 answer = mask & (pos >= lengths - torch.tensor(n_answer)[:, None])

@@ -35,9 +35,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from cut_core.dsl import CUT, SelfDistill
 from cut_core.files import write_text_atomic
 from cut_core.train.loss import cut_objective
-from cut_core.data.sequences import gold_response_logprobs, left_aligned, pad_id, right_padded
+from cut_core.data.sequences import (gold_logprobs_of, gold_response_logprobs, left_aligned, pad_id,
+                                    response_outputs, right_padded)
 
 KINDS = ("align_p", "align_n", "misalign", "mle")
 COMPLETE = "COMPLETE"
@@ -251,23 +253,34 @@ def padding_efficiency(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- config
 
+def _section_default(section: type, name: str) -> Any:
+    """The default of a DSL section's field: CUTConfig's loss fields take theirs from the sections
+    that own them (`dsl.CUT`, `dsl.SelfDistill`), so the two cannot drift apart."""
+    return section.model_fields[name].default
+
+
+# The objectives CUTTrainer trains, by the names of the DSL sections it trains them for.
+TRAINED_OBJECTIVES = (_section_default(CUT, "name"), _section_default(SelfDistill, "name"))
+
+
 @dataclass
 class CUTConfig(TrainingArguments):
-    """`TrainingArguments` plus the CUT objective. Defaults of the objective follow the DSL's
-    `CUT` and `SelfDistill` sections; the optimiser defaults follow METHOD.md §5 where the DSL passes them in."""
+    """`TrainingArguments` plus the CUT objective. The objective's fields take their defaults and
+    their rules from the DSL's `CUT` and `SelfDistill` sections (one owner: a value the DSL refuses
+    is refused here too); the optimiser defaults follow METHOD.md §5 where the DSL passes them in."""
 
-    threshold: float = field(default=1.2, metadata={
+    threshold: float = field(default=_section_default(CUT, "threshold"), metadata={
         "help": "lambda of Eq. 5: flag token t when p(y_t|x,j-)/p(y_t|x) > lambda (>= 1; inf flags nothing)."})
-    alpha: float = field(default=0.5, metadata={"help": "unlikelihood weight alpha of Eq. 6, in (0, 1]."})
-    gamma: float = field(default=0.0, metadata={
+    alpha: float = field(default=_section_default(CUT, "alpha"), metadata={"help": "unlikelihood weight alpha of Eq. 6, in (0, 1]."})
+    gamma: float = field(default=_section_default(CUT, "gamma"), metadata={
         "help": "focal exponent: w_t = alpha * p(y_t|x,j-)**gamma (0 = the reference code)."})
-    weighting: str = field(default="reference", metadata={
+    weighting: str = field(default=_section_default(CUT, "weighting"), metadata={
         "help": "'reference': a negative record's loss is 1/2 (NLL(Align-N) + L1); 'paper': L1 + NLL(Align-N)."})
-    objective: str = field(default="cut", metadata={
+    objective: str = field(default=TRAINED_OBJECTIVES[0], metadata={
         "help": "'cut' (and the NLL baselines, whose examples are all NLL records), or 'self_distill': each "
         "Misalign row is distilled from its Align-N twin (the same model with the judgment in context, no "
         "gradient) on the same response tokens (loss.self_distill_objective)."})
-    distillation_alpha: float = field(default=0.5, metadata={
+    distillation_alpha: float = field(default=_section_default(SelfDistill, "distillation_alpha"), metadata={
         "help": "self_distill: TRL's divergence mix: 0 forward KL(teacher||student), 1 reverse KL, 0.5 JSD."})
     logprob_chunk_size: int | None = field(default=None, metadata={
         "help": "rows of logits computed / upcast to fp32 at once (None: 2**24 elements' worth)."})
@@ -288,15 +301,27 @@ class CUTConfig(TrainingArguments):
         "help": "checkpoints kept; >= 2 so a complete one survives while the next is written."})
 
     def __post_init__(self):
-        if self.weighting not in ("reference", "paper"):
-            raise ValueError(f"weighting must be 'reference' or 'paper', got {self.weighting!r}")
-        if self.threshold < 1.0:
-            raise ValueError(f"threshold must be >= 1, got {self.threshold}")
-        if self.objective not in ("cut", "self_distill"):
-            raise ValueError(f"objective must be 'cut' or 'self_distill', got {self.objective!r}")
+        _check_objective_fields(self)
+        if self.objective not in TRAINED_OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(map(repr, TRAINED_OBJECTIVES))}, "
+                             f"got {self.objective!r}")
         if self.logprob_path not in ("fused", "materialized"):
             raise ValueError(f"logprob_path must be 'fused' or 'materialized', got {self.logprob_path!r}")
         super().__post_init__()
+
+
+def _check_objective_fields(args: CUTConfig) -> None:
+    """The loss fields checked by the DSL sections that own their rules (`dsl.CUT`,
+    `dsl.SelfDistill`); a value they refuse is a ValueError, one line naming the field and its value."""
+    from pydantic import ValidationError
+
+    try:
+        CUT(threshold=args.threshold, alpha=args.alpha, gamma=args.gamma, weighting=args.weighting)
+        SelfDistill(distillation_alpha=args.distillation_alpha)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(map(str, first["loc"]))
+        raise ValueError(f"{name}: {first['msg']}, got {getattr(args, name, first['input'])!r}") from None
 
 
 # ---------------------------------------------------------------- the trainer
@@ -357,37 +382,27 @@ class CUTTrainer(Trainer):
         """objective 'self_distill': the plain pass is the student (Misalign rows, then nll rows), the
         judged pass (Align-N) the teacher, run without gradient; one forward per pass, divergence and
         gold log-probs from the same response-position outputs (hidden states with a fusable head)."""
-        from cut_core.train.loss import fused_gold_logprobs, gold_logprobs, self_distill_objective, self_distill_token_loss
-        from cut_core.data.sequences import _head_bypassed, fusable_head
+        from cut_core.train.loss import self_distill_objective, self_distill_token_loss
 
         def outputs(prefix: str):
-            head = fusable_head(model)[0] if self.args.logprob_path == "fused" else None
-            kwargs = dict(input_ids=inputs[f"{prefix}input_ids"], attention_mask=inputs.get(f"{prefix}attention_mask"),
-                          position_ids=inputs.get(f"{prefix}position_ids"),
-                          logits_to_keep=inputs[f"{prefix}predict_mask"], use_cache=False)
-            if head is None:
-                out = model(**kwargs).logits
-            else:
-                with _head_bypassed(model, head.module):
-                    out = model(**kwargs).logits
-            return out.reshape(-1, out.shape[-1]), head
+            return response_outputs(model, inputs[f"{prefix}input_ids"], inputs[f"{prefix}predict_mask"],
+                                    attention_mask=inputs.get(f"{prefix}attention_mask"),
+                                    position_ids=inputs.get(f"{prefix}position_ids"),
+                                    fused=self.args.logprob_path == "fused")
 
-        ids, lengths = inputs["input_ids"], inputs["response_lengths"]
-        student, head = outputs("")
+        lengths = inputs["response_lengths"]
+        student, head, targets = outputs("")
         proj = dict(weight=head.weight, bias=head.bias, softcap=head.softcap) if head is not None else {}
         n_cut = inputs["judged_input_ids"].shape[0] if "judged_input_ids" in inputs else 0
         n_tok = int(lengths[:n_cut].sum())
-        targets = ids[:, 1:][inputs["predict_mask"][:, :-1]][n_tok:]
         chunk = self.args.logprob_chunk_size
-        logp_rest = (fused_gold_logprobs(student[n_tok:], head.weight, targets, bias=head.bias, softcap=head.softcap,
-                                         chunk_size=chunk) if head is not None
-                     else gold_logprobs(student[n_tok:], targets, chunk_size=chunk))
+        logp_rest = gold_logprobs_of(student[n_tok:], head, targets[n_tok:], chunk_size=chunk)
         logp_pos, pos_mask = left_aligned(logp_rest, lengths[n_cut:])
         if n_cut:
             if not torch.equal(inputs["judged_response_lengths"], lengths[:n_cut]):
                 raise ValueError("self_distill: Align-N and Misalign rows differ in response length")
             with torch.no_grad():
-                teacher, _ = outputs("judged_")
+                teacher, _, _ = outputs("judged_")
             per_token = self_distill_token_loss(student[:n_tok], teacher, distillation_alpha=self.args.distillation_alpha,
                                                 chunk_size=chunk, **proj)
             divergence, neg_mask = left_aligned(per_token, lengths[:n_cut])
