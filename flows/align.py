@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -75,6 +76,33 @@ def one_run_at_a_time(pipeline: Pipeline, root: Path):
         if held["taken_over"]:
             get_run_logger().warning(f"took over the stale lock of {root}: {held['taken_over']}")
         yield
+
+
+@dataclasses.dataclass
+class FlowRun:
+    """What every alignment flow run starts from (start_run)."""
+
+    pipeline: Pipeline          # the declaration, parsed once per flow run
+    root: Path                  # the run's folder (run_root)
+    recurring: bool             # a recurring round (served, or `--round NAME`)
+    logger: Any
+    finished: dict | None       # the record of a run that finished before (marked `skipped`)
+    parent: str | None          # the run's MLflow parent run id (None when finished)
+
+
+@contextlib.contextmanager
+def start_run(pipeline_json: str, recurring: bool, round_name: str | None):
+    """The start every alignment flow shares: parse the declaration (once: everything after takes
+    the object), find the run's folder, hold its lock for the block, and give either the record
+    of a run that finished before or the run's MLflow parent run."""
+    pipeline = Pipeline.from_json(pipeline_json)
+    recurring = recurring or round_name is not None
+    root = run_root(pipeline, pipeline_json, round_label(recurring, round_name))
+    with one_run_at_a_time(pipeline, root):
+        logger = get_run_logger()
+        done = finished_run(pipeline, root, logger)
+        yield FlowRun(pipeline=pipeline, root=root, recurring=recurring, logger=logger, finished=done,
+                      parent=None if done is not None else mlflow_runs(root, pipeline))
 
 
 def refused_evaluation(run_id: str, prefix: str, err: EvaluationRefused) -> None:
@@ -377,15 +405,10 @@ def online_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring:
     (tracking.resolve_model): fetched when this machine lacks it, verified against its digest.
     Returns the run's final record (RunSummary.to_dict(), `skipped` when it had finished before).
     """
-    pipeline = Pipeline.from_json(pipeline_json)  # once per flow run: everything below takes the object
-    recurring = recurring or round_name is not None
-    root = run_root(pipeline, pipeline_json, round_label(recurring, round_name))
-    with one_run_at_a_time(pipeline, root):
-        logger = get_run_logger()
-        done = finished_run(pipeline, root, logger)
-        if done is not None:
-            return done
-        parent = mlflow_runs(root, pipeline)
+    with start_run(pipeline_json, recurring, round_name) as run:
+        if run.finished is not None:
+            return run.finished
+        pipeline, root, recurring, logger, parent = run.pipeline, run.root, run.recurring, run.logger, run.parent
         model_path, start_model = round_start(pipeline, root, recurring, logger)
         base = evaluate_base(pipeline, root, model_path, parent)
         results: list[IterationResult] = []
@@ -421,15 +444,10 @@ def offline_align(pipeline_json: str, pipeline_name: str = "pipeline", recurring
     A round with no such triplets ends there: a RESULT with the reason, no iteration, no version.
     Returns the run's final record (RunSummary.to_dict(), `skipped` when it had finished before).
     """
-    pipeline = Pipeline.from_json(pipeline_json)  # once per flow run: everything below takes the object
-    recurring = recurring or round_name is not None
-    root = run_root(pipeline, pipeline_json, round_label(recurring, round_name))
-    with one_run_at_a_time(pipeline, root):
-        logger = get_run_logger()
-        done = finished_run(pipeline, root, logger)
-        if done is not None:
-            return done
-        parent = mlflow_runs(root, pipeline)
+    with start_run(pipeline_json, recurring, round_name) as run:
+        if run.finished is not None:
+            return run.finished
+        pipeline, root, recurring, logger, parent = run.pipeline, run.root, run.recurring, run.logger, run.parent
         warehouse = warehouse_path(pipeline)
 
         # The files the ingest step reports (read now or already ingested, under any name), by content
