@@ -72,10 +72,8 @@ def _explain_json_errors(checked: pa.Table) -> pa.Table:
             details.append("not valid JSON")
         except (ValueError, RecursionError, TypeError) as err:
             details.append(f"not valid JSON: {err}"[:300])
-    values = detail.to_pylist()
-    for i, d in zip(at.tolist(), details):
-        values[i] = d
-    return checked.set_column(checked.schema.get_field_index("detail"), "detail", pa.array(values, detail.type))
+    explained = pc.replace_with_mask(detail, bad, pa.array(details, detail.type))
+    return checked.set_column(checked.schema.get_field_index("detail"), "detail", explained)
 
 
 def _check_chunk(con: duckdb.DuckDBPyConnection, lines: pa.Table, source: dsl.Source,
