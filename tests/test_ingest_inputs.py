@@ -326,3 +326,25 @@ def test_prefetched_reader_raises_at_its_chunk_and_stops_when_closed():
     it.close()
     assert closed == [True]
     assert not [t for t in threading.enumerate() if t.name == "ingest-reader"]
+
+
+def test_malformed_json_reject_names_the_parser_error(con, tmp_path):
+    """A line that is not JSON is quarantined with Python's parser message (what and where), its
+    raw text kept; the good lines around it, in the same chunk, are stored with no detail touched."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(jsonl([{"instruction": "q1", "output": "a1"}]) + '{"instruction": "q2", "output": \n'
+                    + jsonl([{"instruction": "q3", "output": "a3"}]))
+    report = ingest_files(con, Source(paths=[str(path)]), batch="b")
+    assert report.accepted == 2 and report.rejected_by_reason == {"malformed_json": 1}
+    [(row, reason, detail, raw)] = rejects(con)
+    assert (row, reason, raw) == (2, "malformed_json", '{"instruction": "q2", "output": ')
+    assert detail == f"not valid JSON: {_parser_error(raw)}"
+    assert [r[0] for r in rows(con)] == [1, 3]
+
+
+def _parser_error(text: str) -> str:
+    try:
+        json.loads(text)
+    except ValueError as err:
+        return str(err)
+    raise AssertionError("expected invalid JSON")
