@@ -13,6 +13,9 @@ TEXTS = [
     "$ERROR$", "  $ERROR$\n", "$ERROR$ and more", "error", "The response is perfect, but no.",
     '"The response is perfect" says nobody', "**The response is perfect**", "the RESPONSE is perfect",
     "Nearly perfect", "",
+    # the SQL lowers only the head of the text, as long as the longest prefix: around that edge
+    "Perfec", "Perfect", "PERFECTLY fine", "\u00ab**  _perfect_", "\u00c9Perfect", "\u201c", "*",
+    "\u0130Perfect", "\u212aperfect", "the response is perfec", "  *The Response Is Perfect*",
 ]
 PREFIXES = ["Perfect"]
 MARKERS = ["$ERROR$"]

@@ -82,32 +82,35 @@ def prefetched(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
 
     The JSONL reader's work (os.pread, numpy's newline search, Arrow's UTF-8 check) releases the
     GIL, as DuckDB does while it checks and writes a chunk, so reading overlaps the statements
-    instead of adding to them. At most one chunk waits. An error in the reader is raised here, at
-    the chunk where it happened; closing this generator stops the thread."""
+    instead of adding to them. The reader starts a chunk only when the caller has taken the one
+    before: at most two chunks are alive, the caller's and the next. An error in the reader is
+    raised here, at the chunk where it happened; closing this generator stops the thread."""
     import queue
     import threading
 
     handoff: queue.Queue = queue.Queue(maxsize=1)
+    wanted = threading.Semaphore(1)     # one token per chunk the caller is ready for
     stop = threading.Event()
     end = object()
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def read() -> None:
         try:
-            for chunk in chunks:
-                if not put(chunk):
+            it = iter(chunks)
+            while True:
+                while not wanted.acquire(timeout=0.05):
+                    if stop.is_set():
+                        return
+                item = next(it, end)
+                while not stop.is_set():
+                    try:
+                        handoff.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if item is end or stop.is_set():
                     return
-            put(end)
         except BaseException as err:   # handed to the consumer, raised in its thread
-            put(err)
+            handoff.put(err)
         finally:
             chunks.close()
 
@@ -116,6 +119,7 @@ def prefetched(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
     try:
         while True:
             item = handoff.get()
+            wanted.release()           # read the next chunk while the caller works on this one
             if item is end:
                 return
             if isinstance(item, BaseException):

@@ -94,6 +94,22 @@ def _check_chunk(con: duckdb.DuckDBPyConnection, lines: pa.Table, source: dsl.So
     return lines, _explain_json_errors(checked)
 
 
+def _checked_chunks(chunks, con: duckdb.DuckDBPyConnection, source: dsl.Source, check_sqls: dict[bool, str],
+                    seconds: dict[str, float]):
+    """(lines, checked rows) of each chunk, checked on `con`; the time the checks took is added
+    to seconds['check']."""
+    for chunk in chunks:
+        t = time.perf_counter()
+        # many small record batches: DuckDB scans an Arrow stream batch by batch on every core
+        # (one 64 MB batch would hold every statement over the chunk to one thread)
+        lines = pa.Table.from_batches(chunk.to_batches(max_chunksize=SCAN_BATCH_ROWS))
+        del chunk
+        checked = _check_chunk(con, lines, source, check_sqls)
+        del lines
+        seconds["check"] += time.perf_counter() - t
+        yield checked
+
+
 def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.Source, *, batch: str,
                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> FileReport:
     """Ingest one file in one transaction; skip it when its digest is already recorded.
@@ -132,21 +148,18 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
         chunks = read_arrow(cur, path, max_record_bytes)
     else:
         chunks = read_csv(cur, path, source, max_record_bytes)
+    # Each chunk is checked on its own cursor, on a thread, one chunk ahead of this thread,
+    # which writes the one before into the file's transaction: DuckDB compresses the insert's
+    # rows on one thread, and the next chunk's check (JSON, ids) runs beside it. A check reads
+    # only its chunk (an Arrow view on the checking cursor), never the warehouse.
+    check_cur = con.cursor()
+    check_cur.execute("SET enable_progress_bar = false")
+    checked_chunks = prefetched(_checked_chunks(chunks, check_cur, source, check_sqls, seconds))
     previous_limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
     con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
     con.execute("BEGIN TRANSACTION")
     try:
-        while True:
-            t = time.perf_counter()
-            chunk = next(chunks, None)
-            if chunk is None:
-                break
-            # many small record batches: DuckDB scans an Arrow stream batch by batch on every core
-            # (one 64 MB batch would hold every statement over the chunk to one thread)
-            lines = pa.Table.from_batches(chunk.to_batches(max_chunksize=SCAN_BATCH_ROWS))
-            del chunk
-            lines, checked = _check_chunk(con, lines, source, check_sqls)
-            seconds["check"] += time.perf_counter() - t
+        for lines, checked in checked_chunks:
             t = time.perf_counter()
             # the chunk stays visible for the raw text of duplicates (good rows keep none); both
             # go when the block ends, not at the commit
@@ -165,7 +178,9 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
         con.execute("ROLLBACK")
         raise
     finally:
+        checked_chunks.close()    # stops the checking thread before the reader it reads from
         chunks.close()
+        check_cur.close()
         cur.close()
         con.execute(f"SET memory_limit = '{previous_limit}'")
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}

@@ -145,7 +145,8 @@ def triplet_id_sql(instruction: str, response: str, judgment: str, context: str 
 def content_key_sql(*parts: str) -> str:
     """DuckDB expression over SQL expressions `parts` equal to content_key of their values:
     sha256 of each part as 0x01 + UTF-8 text (0x00 for NULL), then 0x1f."""
-    pieces = ", ".join(f"CASE WHEN {p} IS NULL THEN chr(0) ELSE chr(1) || {p} END, chr(31)" for p in parts)
+    # concat() skips a NULL: the marker byte, then the text itself (no copy of marker || text)
+    pieces = ", ".join(f"CASE WHEN {p} IS NULL THEN chr(0) ELSE chr(1) END, {p}, chr(31)" for p in parts)
     return f"sha256(concat({pieces}))"
 
 
