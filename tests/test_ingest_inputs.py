@@ -294,9 +294,9 @@ def test_content_key_in_sql_equals_the_python_one():
 
 
 def test_prefetched_reader_raises_at_its_chunk_and_stops_when_closed():
-    """The JSONL reader runs one chunk ahead on a thread: its error reaches the ingest at the chunk
-    where it happened (the chunks before it were handed over), and an ingest that stops early
-    (an error while writing) closes the reader and ends the thread."""
+    """Chunks are read and checked one ahead on a thread: an error there reaches the ingest at the
+    chunk where it happened (the chunks before it were handed over), and an ingest that stops
+    early (an error while writing, a file already ingested) closes it and ends the thread."""
     import threading
 
     from cut_core.data.ingest.chunks import prefetched
@@ -323,6 +323,14 @@ def test_prefetched_reader_raises_at_its_chunk_and_stops_when_closed():
 
     it = prefetched(endless())
     assert next(it) == 1
+    it.close()
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name == "ingest-reader"]
+
+    # the thread starts at once; closed before anything was taken (a file found already
+    # ingested while its first chunk was being checked), it stops all the same
+    closed.clear()
+    it = prefetched(endless())
     it.close()
     assert closed == [True]
     assert not [t for t in threading.enumerate() if t.name == "ingest-reader"]

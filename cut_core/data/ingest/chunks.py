@@ -77,54 +77,67 @@ def decoded_text(path: Path) -> tuple[str, str | None]:
         return raw[skip:].decode(codec, "replace"), f"{err.reason} at byte {err.start + skip}: the file is not valid {name}"
 
 
-def prefetched(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
-    """`chunks`, with the next one read on a thread while the caller writes this one.
+class prefetched:
+    """`items` (an iterator), the next one made on a thread while the caller works on this one.
 
-    The JSONL reader's work (os.pread, numpy's newline search, Arrow's UTF-8 check) releases the
-    GIL, as DuckDB does while it checks and writes a chunk, so reading overlaps the statements
-    instead of adding to them. The reader starts a chunk only when the caller has taken the one
-    before: at most two chunks are alive, the caller's and the next. An error in the reader is
-    raised here, at the chunk where it happened; closing this generator stops the thread."""
-    import queue
-    import threading
+    The work behind each item (reading a chunk, checking it in DuckDB) releases the GIL, so it
+    overlaps the caller's instead of adding to it. The thread starts at once (the first item is
+    on its way while the caller does something else) and starts an item only when the caller has
+    taken the one before: at most two are alive, the caller's and the next. An error in the
+    thread is raised at the item where it happened; `close()` (also when never iterated) stops
+    the thread and closes `items`."""
 
-    handoff: queue.Queue = queue.Queue(maxsize=1)
-    wanted = threading.Semaphore(1)     # one token per chunk the caller is ready for
-    stop = threading.Event()
-    end = object()
+    def __init__(self, items: Iterator, name: str = "ingest-reader"):
+        import queue
+        import threading
 
-    def read() -> None:
+        self._items, self._handoff = items, queue.Queue(maxsize=1)
+        self._wanted = threading.Semaphore(1)     # one token per item the caller is ready for
+        self._stop, self._end, self._done = threading.Event(), object(), False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import queue
         try:
-            it = iter(chunks)
+            it = iter(self._items)
             while True:
-                while not wanted.acquire(timeout=0.05):
-                    if stop.is_set():
+                while not self._wanted.acquire(timeout=0.05):
+                    if self._stop.is_set():
                         return
-                item = next(it, end)
-                while not stop.is_set():
+                item = next(it, self._end)
+                while not self._stop.is_set():
                     try:
-                        handoff.put(item, timeout=0.05)
+                        self._handoff.put(item, timeout=0.05)
                         break
                     except queue.Full:
                         continue
-                if item is end or stop.is_set():
+                if item is self._end or self._stop.is_set():
                     return
         except BaseException as err:   # handed to the consumer, raised in its thread
-            handoff.put(err)
+            self._handoff.put(err)     # the queue is empty: the item before was taken
         finally:
-            chunks.close()
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
 
-    thread = threading.Thread(target=read, name="ingest-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = handoff.get()
-            wanted.release()           # read the next chunk while the caller works on this one
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    def __iter__(self) -> "prefetched":
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item = self._handoff.get()
+        self._wanted.release()             # make the next item while the caller works on this one
+        if item is self._end:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._done = True
+        self._stop.set()
+        self._thread.join()

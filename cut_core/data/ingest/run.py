@@ -123,16 +123,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
     """
     path = Path(os.path.abspath(path))
     fmt = detect_format(path, source.format)
-    started = time.perf_counter()
     seconds = {"digest": 0.0, "check": 0.0, "write": 0.0}
-    digest = file_digest(path, source, fmt, max_record_bytes)
-    seconds["digest"] = time.perf_counter() - started
-    report = FileReport(path=str(path), format=fmt, digest=digest)
-    earlier = wh.ingested_file(con, digest)
-    if earlier:
-        report.skipped, report.earlier = True, earlier
-        return report
-
     check_sqls = {False: validation_sql(source), True: validation_sql(source, context=True)}
     cur = con.cursor()    # the reader's scans stream on their own cursor
     con.execute("SET enable_progress_bar = false")   # DuckDB would draw one on a terminal
@@ -149,41 +140,55 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
         chunks = read_arrow(cur, path, max_record_bytes)
     else:
         chunks = read_csv(cur, path, source, max_record_bytes)
-    # Each chunk is checked on its own cursor, on a thread, one chunk ahead of this thread,
-    # which writes the one before into the file's transaction: DuckDB compresses the insert's
-    # rows on one thread, and the next chunk's check (JSON, ids) runs beside it. A check reads
-    # only its chunk (an Arrow view on the checking cursor), never the warehouse.
+    # Each chunk is read and checked on its own cursor, on a thread, one chunk ahead of this
+    # thread, which writes the one before into the file's transaction: DuckDB compresses an
+    # insert's rows on one thread, and the next chunk's check (JSON, ids) runs beside it. A
+    # check reads only its chunk (an Arrow view on the checking cursor), never the warehouse.
+    # The first chunk is checked while this thread hashes the file; only then is the file
+    # looked up, before anything is written: a file already ingested costs that one check.
     check_cur = con.cursor()
     check_cur.execute("SET enable_progress_bar = false")
-    checked_chunks = prefetched(_checked_chunks(chunks, check_cur, source, check_sqls, seconds))
-    previous_limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
-    con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
-    con.execute("BEGIN TRANSACTION")
+    checked_chunks = prefetched(_checked_chunks(chunks, check_cur, source, check_sqls, seconds), "ingest-checker")
+    previous_limit = None
     try:
-        for lines, checked in checked_chunks:
+        started = time.perf_counter()
+        digest = file_digest(path, source, fmt, max_record_bytes)
+        seconds["digest"] = time.perf_counter() - started
+        report = FileReport(path=str(path), format=fmt, digest=digest)
+        earlier = wh.ingested_file(con, digest)
+        if earlier:
+            report.skipped, report.earlier = True, earlier
+            return report
+        previous_limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for lines, checked in checked_chunks:
+                t = time.perf_counter()
+                # the chunk stays visible for the raw text of duplicates (good rows keep none);
+                # both go when the block ends, not at the commit
+                with wh.arrow_view(con, "_ingest_chunk", lines), wh.arrow_view(con, "_ingest_checked", checked):
+                    del lines, checked
+                    for reason, polarity, contradiction, n in wh.add_checked(
+                            con, "_ingest_checked", source=str(path), batch=batch, digest=digest,
+                            lines="_ingest_chunk"):
+                        _count(report, reason, polarity, contradiction, n)
+                seconds["write"] += time.perf_counter() - t
             t = time.perf_counter()
-            # the chunk stays visible for the raw text of duplicates (good rows keep none); both
-            # go when the block ends, not at the commit
-            with wh.arrow_view(con, "_ingest_chunk", lines), wh.arrow_view(con, "_ingest_checked", checked):
-                del lines, checked
-                for reason, polarity, contradiction, n in wh.add_checked(
-                        con, "_ingest_checked", source=str(path), batch=batch, digest=digest, lines="_ingest_chunk"):
-                    _count(report, reason, polarity, contradiction, n)
+            wh.record_ingested_file(con, digest=digest, path=str(path), rows_read=report.rows_read,
+                                    accepted=report.accepted, rejected=report.rejected, batch=batch)
+            con.execute("COMMIT")
             seconds["write"] += time.perf_counter() - t
-        t = time.perf_counter()
-        wh.record_ingested_file(con, digest=digest, path=str(path), rows_read=report.rows_read,
-                                accepted=report.accepted, rejected=report.rejected, batch=batch)
-        con.execute("COMMIT")
-        seconds["write"] += time.perf_counter() - t
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
     finally:
         checked_chunks.close()    # stops the checking thread before the reader it reads from
         chunks.close()
         check_cur.close()
         cur.close()
-        con.execute(f"SET memory_limit = '{previous_limit}'")
+        if previous_limit is not None:
+            con.execute(f"SET memory_limit = '{previous_limit}'")
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     report.rejected_by_reason = dict(sorted(report.rejected_by_reason.items()))
     return report
