@@ -88,7 +88,7 @@ def test_messages_file_every_row_accounted_with_structured_context(tmp_path):
     rows = {r[0]: r[1:] for r in con.sql("SELECT row_number, id, instruction, response, judgment, context "
                                          "FROM triplets").fetchall()}
     # a single user turn is a flat instruction: same id as the flat triplet, no context
-    assert rows[1] == (wh.content_key("Name a fruit.", "Apple.", "Perfect."), "Name a fruit.", "Apple.", "Perfect.",
+    assert rows[1] == (wh.triplet_id("Name a fruit.", "Apple.", "Perfect."), "Name a fruit.", "Apple.", "Perfect.",
                        None)
     tid, instruction, response, judgment, context = rows[2]
     assert response == "9" and judgment == "Wrong: 3 + 5 is 8."
@@ -124,11 +124,12 @@ def test_flat_ids_and_old_warehouses_are_unchanged(tmp_path):
     con.close()
     con = wh.connect(db)
     frame = wh.labeled_triplets(con)
-    assert frame["id"].to_list() == [wh.content_key("q", "a", "Bad.")] and frame["context"].to_list() == [None]
+    # the sha256 id of earlier releases was rewritten on open, once (warehouse_meta)
+    assert frame["id"].to_list() == [wh.triplet_id("q", "a", "Bad.")] and frame["context"].to_list() == [None]
+    assert wh.triplet_id("q", "a", "Bad.") != wh.content_key("q", "a", "Bad.")
     path = write_jsonl(tmp_path / "flat.jsonl", [{"instruction": "q", "response": "a", "judgment": "Bad."}])
     report = ingest.ingest_files(con, dsl.Source(paths=[str(path)]))
     assert report.rejected_by_reason == {"duplicate": 1}      # the same id as the stored row
-    assert wh.triplet_id("q", "a", "Bad.") == wh.content_key("q", "a", "Bad.")
 
 
 def test_chat_renders_turns_and_puts_the_judgment_in_the_last_user_turn(tmp_path):
@@ -179,8 +180,8 @@ def test_save_to_disk_and_hub_parquet_folders(tmp_path):
         assert good | bad == set(range(1, f.rows_read + 1))
     # the same validation and ids as a JSONL file of the same rows
     ids = {r[0] for r in con.sql("SELECT id FROM triplets").fetchall()}
-    assert ids == {wh.content_key("q1", "a1", "Perfect."), wh.content_key("q2", "a2", "Wrong: it is 3."),
-                   wh.content_key("q5", "a1", "Perfect.")}
+    assert ids == {wh.triplet_id("q1", "a1", "Perfect."), wh.triplet_id("q2", "a2", "Wrong: it is 3."),
+                   wh.triplet_id("q5", "a1", "Perfect.")}
 
     hub = ingest.ingest_files(con, dsl.Source(paths=[str(tmp_path / "hub")], format="hf"), batch="hub")
     assert [Path(f.path).name for f in hub.files] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]

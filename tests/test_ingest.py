@@ -2,7 +2,7 @@
 
 Proves: the cut-online file ingests to the documented counts (1000 read, 47 failed judge calls
 rejected, 713 positives + 240 negatives, 17 contradictions reported or quarantined) with ids equal
-to warehouse.content_key; a second ingest adds nothing; Shepherd's own column names map through
+to warehouse.triplet_id; a second ingest adds nothing; Shepherd's own column names map through
 Source.columns; `input` is appended to the instruction; JSONL, JSON array, Parquet and CSV
 files and a glob of several ingest in one run with exact row numbers; duplicates across files
 (Parquet and CSV duplicates keep their raw record; an id another writer stored twice gives one
@@ -70,7 +70,7 @@ def test_cut_online_iter1_counts_ids_and_rerun(con, shared_data):
 
     rows = triplets(con)
     assert len(rows) == 953
-    assert all(tid == wh.content_key(ins, resp, j) for tid, ins, resp, j, *_ in rows)
+    assert all(tid == wh.triplet_id(ins, resp, j) for tid, ins, resp, j, *_ in rows)
     assert all(j is None for _, _, _, j, pol, *_ in rows if pol == "positive")
 
     # Rejects name the record (1-based index in the array), keep its raw text, say why.
@@ -194,7 +194,7 @@ def test_duplicates_in_parquet_and_csv_keep_their_raw_record(con, tmp_path):
 
 def test_duplicate_of_an_id_stored_twice_is_one_reject(con, tmp_path):
     """triplets.id has no unique index; another writer may have stored an id twice."""
-    key = wh.content_key("q", "a", None)
+    key = wh.triplet_id("q", "a", None)
     for row in (5, 6):
         con.execute("INSERT INTO triplets (id, instruction, response, batch, source, row_number) "
                     "VALUES (?, 'q', 'a', 'x', 'gen.parquet', ?)", [key, row])
@@ -319,5 +319,33 @@ def test_a_warehouse_from_before_scores_gains_the_column(tmp_path):
     con = wh.connect(tmp_path / "old.duckdb")
     path = write_jsonl(tmp_path / "scored.jsonl", [{"instruction": "q2", "output": "a2", "judgment": "ok", "rating": 3}])
     ingest_files(con, Source(paths=[str(path)], polarity=Polarity(score_column="rating", score_threshold=5)), batch="n")
-    assert con.sql("SELECT instruction, score FROM triplets WHERE id = 'x'").fetchall() == [("q", None)]
+    # the old row keeps its content; its id is rewritten as the triplet id of that content
+    assert con.sql("SELECT id, score FROM triplets WHERE instruction = 'q'").fetchall() == [
+        (wh.triplet_id("q", "a", None), None)]
     assert con.sql("SELECT score FROM triplets WHERE instruction = 'q2'").fetchall() == [(3.0,)]
+
+
+def test_sha256_ids_of_an_earlier_release_become_md5_ids_once(tmp_path):
+    """A warehouse whose triplets carry the sha256 ids of earlier releases is rewritten on open,
+    once: every id becomes the md5 triplet id of the row's content (a multi-turn row's context
+    included), a recurring round's record follows its triplets, and ingesting the same content
+    again is a duplicate of the migrated row."""
+    con = wh.connect(tmp_path / "w.duckdb")
+    turns = '[{"role": "user", "content": "hi"}]'
+    old = {("q", "a", "Bad.", None): wh.content_key("q", "a", "Bad."),
+           ("q2", "a2", None, turns): wh.content_key("q2", "a2", None, turns)}
+    for row, ((ins, resp, judgment, context), key) in enumerate(old.items(), start=1):
+        con.execute("INSERT INTO triplets (id, instruction, response, judgment, polarity, batch, source, row_number, "
+                    "context) VALUES (?, ?, ?, ?, 'negative', 'b', 's', ?, ?)", [key, ins, resp, judgment, row, context])
+    con.execute("INSERT INTO round_triplets (pipeline, round, triplet_id) VALUES ('p', 'r1', ?)",
+                [old[("q", "a", "Bad.", None)]])
+    con.execute("DELETE FROM warehouse_meta")      # as a file written before warehouse_meta existed
+    con.close()
+
+    con = wh.connect(tmp_path / "w.duckdb")
+    ids = dict(con.sql("SELECT instruction, id FROM triplets").fetchall())
+    assert ids == {"q": wh.triplet_id("q", "a", "Bad."), "q2": wh.triplet_id("q2", "a2", None, turns)}
+    assert con.sql("SELECT triplet_id FROM round_triplets").fetchall() == [(ids["q"],)]
+    assert wh.migrate_triplet_ids(con) == 0          # recorded: not run again
+    path = write_jsonl(tmp_path / "again.jsonl", [{"instruction": "q", "response": "a", "judgment": "Bad."}])
+    assert ingest_files(con, Source(paths=[str(path)]), batch="n").rejected_by_reason == {"duplicate": 1}

@@ -7,7 +7,7 @@ line ends in exactly one place (accepted + rejected == rows_read, one triplet or
 line number); every reject carries a known reason code, a detail and its raw text (the line
 itself, terminator stripped); each planted bad line is rejected with the reason code of its
 class; each good line becomes the triplet its record describes (instruction + input, polarity,
-contradiction flag, id = content_key), whatever the block and flush size.
+contradiction flag, id = triplet_id), whatever the block and flush size.
 
 The second corpus (test_second_corpus_...) covers the inputs the first cannot: a BOM-marked
 UTF-16/32 JSONL file with undecodable and oversized lines and a name with glob characters next
@@ -131,7 +131,7 @@ def make_corpus(seed: int, lines: int, quarantine: bool):
             instruction += "\n" + rec["input"]
         judgment = rec.get("judgment") if polarity is not None else None
         judgment = judgment if judgment and judgment.strip() else None
-        key = wh.content_key(instruction, rec["output"], judgment)
+        key = wh.triplet_id(instruction, rec["output"], judgment)
         if key in seen:
             expected[n] = ("reject", "duplicate")
         elif contradiction and quarantine:
@@ -213,7 +213,7 @@ def wide_corpus(rng: random.Random, codec: str, lines: int):
         out.append(json.dumps(rec, ensure_ascii=rng.random() < 0.5).encode(codec))
         if n not in expected:
             instruction = rec["instruction"] + ("\n" + rec["input"] if rec.get("input", "").strip() else "")
-            key = wh.content_key(instruction, rec["output"], None)
+            key = wh.triplet_id(instruction, rec["output"], None)
             expected[n] = ("reject", "duplicate") if key in seen else ("accept", instruction)
             seen.add(key)
     newline = "\n".encode(codec)

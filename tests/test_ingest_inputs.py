@@ -219,10 +219,10 @@ def test_judged_generations_take_the_ingest_insert_path(con, tmp_path):
     assert wh.add_judged(con, judged, source="gen.parquet", batch="online") == 2
     got = con.sql("SELECT id, instruction, response, judgment, polarity FROM triplets WHERE batch = 'online' "
                   "ORDER BY row_number").fetchall()
-    assert got == [(wh.content_key("q2", "b", None), "q2", "b", None, "positive"),
-                   (wh.content_key("q3", "c", None), "q3", "c", None, None)]
+    assert got == [(wh.triplet_id("q2", "b", None), "q2", "b", None, "positive"),
+                   (wh.triplet_id("q3", "c", None), "q3", "c", None, None)]
     assert con.sql("SELECT source, row_number, reason, detail FROM rejects").fetchall() == [
-        ("gen.parquet", 0, "duplicate", f"same triplet (id {wh.content_key('q', 'a', 'Wrong.')[:12]}) as {path} row 1")]
+        ("gen.parquet", 0, "duplicate", f"same triplet (id {wh.triplet_id('q', 'a', 'Wrong.')[:12]}) as {path} row 1")]
 
 
 def test_generations_are_matched_by_exact_pipeline_name(con):
@@ -285,12 +285,18 @@ def test_cli_ingest_of_a_missing_file_is_one_line_without_traceback(tmp_path):
 
 
 def test_content_key_in_sql_equals_the_python_one():
-    """Ids computed by DuckDB (ingest, judged generations) equal warehouse.content_key."""
+    """Keys and ids computed by DuckDB (ingest, judged generations) equal warehouse.content_key
+    and warehouse.triplet_id (with and without a multi-turn context)."""
     sql_con = duckdb.connect()
     for parts in [("q", "a", None), ("Ünï\ncode 🙂", "", "Wrong."), ("x\x00y", "r", "")]:
-        [(got,)] = sql_con.execute(f"SELECT {wh.content_key_sql('$a', '$b', '$c')}",
-                                   {"a": parts[0], "b": parts[1], "c": parts[2]}).fetchall()
-        assert got == wh.content_key(*parts)
+        params = {"a": parts[0], "b": parts[1], "c": parts[2], "d": '[{"role": "user", "content": "hi"}]'}
+        [(key, flat, turns, none)] = sql_con.execute(
+            f"SELECT {wh.content_key_sql('$a', '$b', '$c')}, {wh.triplet_id_sql('$a', '$b', '$c')}, "
+            f"{wh.triplet_id_sql('$a', '$b', '$c', '$d')}, {wh.triplet_id_sql('$a', '$b', '$c', 'NULL::VARCHAR')}",
+            params).fetchall()
+        assert key == wh.content_key(*parts)
+        assert flat == none == wh.triplet_id(*parts) != key
+        assert turns == wh.triplet_id(*parts, params["d"]) != flat
 
 
 def test_prefetched_reader_raises_at_its_chunk_and_stops_when_closed():

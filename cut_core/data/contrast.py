@@ -91,7 +91,7 @@ def labeled_triplets(triplets: pl.DataFrame) -> pl.DataFrame:
     Sorting makes the output (and the Align-P sample) independent of the order rows come in.
     `judgment`, `refined` and `context` may be absent from the input; they are then null.
     `context` (the warehouse's column) holds a multi-turn prompt's turns as JSON; the id already
-    covers it (warehouse.content_key), so the digest reads the six columns only.
+    covers it (warehouse.triplet_id), so the digest reads the six columns only.
     """
     missing = [c for c in ("id", "instruction", "response", "polarity") if c not in triplets.columns]
     if missing:

@@ -49,8 +49,8 @@ The rules, in the order they are applied (the first that fails names the reason,
   flagged (triplets.contradiction) or, with quarantine_contradictions, rejected. Blank
   judgments are stored as NULL.
 - duplicate: same id as a triplet already in the warehouse or an earlier row of this run;
-  id = warehouse.content_key(instruction, response, judgment), computed in DuckDB
-  (warehouse.content_key_sql: the same bytes, the same sha256).
+  id = warehouse.triplet_id(instruction, response, judgment), computed in DuckDB
+  (warehouse.triplet_id_sql: the same bytes, the same md5).
 
 The modules, one job each:
 

@@ -16,7 +16,7 @@ and a row whose array is absent or empty one unit rejected as empty_array. Witho
 row_number and element is NULL.
 
 `raw` is the record's text for rejected rows (a duplicate's comes from the chunk itself). The id is
-warehouse.content_key_sql (sha256 in DuckDB, the same bytes as warehouse.content_key), the
+warehouse.triplet_id_sql (md5 in DuckDB, the same value as warehouse.triplet_id), the
 polarity is polarity.positive_sql (the rule judges use). Duplicates are found by the warehouse
 (warehouse.add_checked), which owns every statement on `triplets`.
 """

@@ -1,5 +1,5 @@
-"""The warehouse's schema, its migrations, the content ids (the same sha256 in Python and in DuckDB) and
-`connect` (one writer per file; the schema made and migrated on open)."""
+"""The warehouse's schema, its migrations, the content keys and triplet ids (the same digests in
+Python and in DuckDB) and `connect` (one writer per file; the schema made and migrated on open)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import duckdb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS triplets (
-    -- sha256 of instruction, response, judgment (content_key). Not a PRIMARY KEY: that index
-    -- (an ART over random 64-character keys) cost as much as the compressed insert itself,
+    -- md5 of instruction, response, judgment (triplet_id; sha256 before warehouse_meta said
+    -- 'triplet_ids' = 'md5'). Not a PRIMARY KEY: that index (an ART over random keys) cost as
+    -- much as the compressed insert itself,
     -- ~2.4 s per 1M rows; writers check for the id before they insert (ingest with hash joins,
     -- tasks/label.py with NOT IN). Files created with the key keep it and work the same.
     id            VARCHAR NOT NULL,
@@ -113,41 +114,89 @@ class WarehouseBusy(RuntimeError):
     """Another process holds the warehouse for writing."""
 
 
-def content_key(*parts: str | None) -> str:
-    """Stable sha256 over text parts; None and '' are distinct from each other's neighbours.
+def _key_bytes(parts) -> bytes:
+    """The bytes content keys and triplet ids hash: each part as 0x01 + UTF-8 text (0x00 for
+    None), then 0x1f. None and '' are distinct, and no part runs into its neighbour."""
+    return b"".join((b"\x00" if p is None else b"\x01" + p.encode("utf-8")) + b"\x1f" for p in parts)
 
-    Triplet ids are content_key(instruction, response, judgment); content_key_sql computes the
-    same hex digest inside DuckDB (tests check they agree)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(b"\x00" if p is None else b"\x01" + p.encode("utf-8"))
-        h.update(b"\x1f")
-    return h.hexdigest()
+
+def content_key(*parts: str | None) -> str:
+    """Stable sha256 over text parts (judgment cache keys, judge names); content_key_sql computes
+    the same hex digest inside DuckDB (tests check they agree)."""
+    return hashlib.sha256(_key_bytes(parts)).hexdigest()
+
+
+# Triplet ids hash the same bytes with md5 (32 hex characters): ingest computes one per row,
+# and DuckDB's md5 costs about half its sha256 (the bench's 1M rows: ~1.5 CPU-s less, and a
+# narrower id column to compress and join). They are content addresses for dedupe, not a
+# security boundary. Warehouses made with sha256 ids are migrated on open (TRIPLET_IDS).
+TRIPLET_ID_HASH = "md5"
 
 
 def triplet_id(instruction: str, response: str, judgment: str | None, context: str | None = None) -> str:
-    """A triplet's id: content_key(instruction, response, judgment), with the multi-turn prompt's
-    stored turns (`context`, templates.context_json) as a fourth part only when there are any,
-    so every flat triplet keeps the id it always had."""
-    if context is None:
-        return content_key(instruction, response, judgment)
-    return content_key(instruction, response, judgment, context)
+    """A triplet's id: md5 over (instruction, response, judgment), with the multi-turn prompt's
+    stored turns (`context`, templates.context_json) as a fourth part only when there are any."""
+    parts = (instruction, response, judgment) if context is None else (instruction, response, judgment, context)
+    return hashlib.md5(_key_bytes(parts)).hexdigest()
 
 
 def triplet_id_sql(instruction: str, response: str, judgment: str, context: str | None = None) -> str:
     """DuckDB expression equal to triplet_id of these SQL expressions' values."""
-    flat = content_key_sql(instruction, response, judgment)
+    flat = _key_sql(TRIPLET_ID_HASH, (instruction, response, judgment))
     if context is None:
         return flat
-    return f"CASE WHEN {context} IS NULL THEN {flat} ELSE {content_key_sql(instruction, response, judgment, context)} END"
+    return (f"CASE WHEN {context} IS NULL THEN {flat} "
+            f"ELSE {_key_sql(TRIPLET_ID_HASH, (instruction, response, judgment, context))} END")
 
 
 def content_key_sql(*parts: str) -> str:
-    """DuckDB expression over SQL expressions `parts` equal to content_key of their values:
-    sha256 of each part as 0x01 + UTF-8 text (0x00 for NULL), then 0x1f."""
+    """DuckDB expression over SQL expressions `parts` equal to content_key of their values."""
+    return _key_sql("sha256", parts)
+
+
+def _key_sql(fn: str, parts) -> str:
     # concat() skips a NULL: the marker byte, then the text itself (no copy of marker || text)
     pieces = ", ".join(f"CASE WHEN {p} IS NULL THEN chr(0) ELSE chr(1) END, {p}, chr(31)" for p in parts)
-    return f"sha256(concat({pieces}))"
+    return f"{fn}(concat({pieces}))"
+
+
+# ---------------------------------------------------------------- the triplet id migration
+
+# warehouse_meta records what a file's stored values mean; 'triplet_ids' names the hash of
+# triplets.id (absent: the sha256 of earlier releases).
+META = """
+CREATE TABLE IF NOT EXISTS warehouse_meta (
+    key           VARCHAR PRIMARY KEY,
+    value         VARCHAR NOT NULL
+);
+"""
+
+
+def migrate_triplet_ids(con: duckdb.DuckDBPyConnection) -> int:
+    """Rewrite a warehouse's sha256 triplet ids as TRIPLET_ID_HASH ids, in one transaction:
+    triplets.id recomputed from each row's own columns, round_triplets.triplet_id mapped from
+    old to new (a recurring round still knows what it trained on), then warehouse_meta records
+    the hash, so this runs once per file. Returns the triplets rewritten (0 when already done)."""
+    done = _relation_rows(con, "SELECT value FROM warehouse_meta WHERE key = 'triplet_ids'")
+    if done and done[0][0] == TRIPLET_ID_HASH:
+        return 0
+    new_id = triplet_id_sql("instruction", "response", "judgment", "context")
+    con.execute("BEGIN TRANSACTION")
+    try:
+        n = _relation_rows(con, "SELECT count(*) FROM triplets")[0][0]
+        if n:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _id_map AS SELECT DISTINCT id AS old, {new_id} AS new "
+                        "FROM triplets")
+            con.execute("UPDATE round_triplets SET triplet_id = m.new FROM _id_map m "
+                        "WHERE round_triplets.triplet_id = m.old")
+            con.execute(f"UPDATE triplets SET id = {new_id}")
+            con.execute("DROP TABLE _id_map")
+        con.execute("INSERT OR REPLACE INTO warehouse_meta VALUES ('triplet_ids', $h)", {"h": TRIPLET_ID_HASH})
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return n
 
 
 def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 30.0) -> duckdb.DuckDBPyConnection:
@@ -176,8 +225,10 @@ def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 30.0) 
     if not read_only:
         con.execute(SCHEMA)
         con.execute(MIGRATIONS)
+        con.execute(META)
         con.execute(BACKFILL)
         migrate_moved_judge_names(con)
+        migrate_triplet_ids(con)
     return con
 
 

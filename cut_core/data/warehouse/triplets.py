@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import duckdb
 
-from cut_core.data.warehouse.schema import _registered, _relation_rows, arrow_view, content_key_sql
+from cut_core.data.warehouse.schema import _registered, _relation_rows, arrow_view, triplet_id_sql
 
 # ---------------------------------------------------------------- triplets: the one insert path
 
@@ -118,7 +118,7 @@ def _add_judged(con: duckdb.DuckDBPyConnection, judged, *, source: str, batch: s
             SELECT prompt_index AS unit, prompt_index AS row_number, NULL::INTEGER AS element,
                    NULL::VARCHAR AS reason, NULL::VARCHAR AS detail, NULL::VARCHAR AS context,
                    to_json({{'instruction': instruction, 'response': response, 'judgment': judgment}})::VARCHAR AS raw,
-                   {content_key_sql("instruction", "response", "judgment")} AS id,
+                   {triplet_id_sql("instruction", "response", "judgment")} AS id,
                    instruction, response, judgment, polarity, NULL::VARCHAR AS refined, NULL::DOUBLE AS score,
                    false AS contradiction
             FROM _wh_judged""")
