@@ -14,10 +14,14 @@ JSON arrays (json_each), Parquet (read_parquet) and CSV (read_csv, explicit dial
 reject table) are read and rendered to JSON by DuckDB. Then, per chunk, DuckDB does the rest:
 
     one statement (sql.validation_sql): validate, extract the canonical columns, decide
-        polarity (cut_core.data.polarity, the rule judges use) and hash the id (sha256 in DuckDB)
+        polarity (cut_core.data.polarity, the rule judges use) and hash the id (md5 in DuckDB)
         into an Arrow table (not a temporary table: see run.py)
     warehouse.add_checked: find duplicates with hash joins (against the warehouse and within
         the chunk), write triplets and rejects with one INSERT each
+
+The two run side by side (run.py): a thread reads and checks the next chunk on its own cursor
+while the caller's thread writes this one into the file's transaction (DuckDB compresses an
+insert on one thread), and the file is hashed while the first chunk is checked.
 
 Conversations (a `messages` list, or TRL's conversational `prompt` + `completion`) are named by
 the check statement and only those rows are rewritten in Python into flat records (response =
