@@ -161,8 +161,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
             return report
         previous_limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
         con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with wh.transaction(con):
             for lines, checked in checked_chunks:
                 t = time.perf_counter()
                 # the chunk stays visible for the raw text of duplicates (good rows keep none);
@@ -177,11 +176,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
             t = time.perf_counter()
             wh.record_ingested_file(con, digest=digest, path=str(path), rows_read=report.rows_read,
                                     accepted=report.accepted, rejected=report.rejected, batch=batch)
-            con.execute("COMMIT")
-            seconds["write"] += time.perf_counter() - t
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+        seconds["write"] += time.perf_counter() - t     # the commit included
     finally:
         checked_chunks.close()    # stops the checking thread before the reader it reads from
         chunks.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import duckdb
 
-from cut_core.data.warehouse.schema import _registered, _relation_rows
+from cut_core.data.warehouse.schema import _registered, _relation_rows, transaction
 
 # ---------------------------------------------------------------- recurring offline rounds
 
@@ -26,14 +26,9 @@ def select_round(con: duckdb.DuckDBPyConnection, *, pipeline: str, round: str, d
     pipeline trained on (a round is finished once round_trained recorded its version). An earlier
     selection of the same round, left by a crash before the caller stored it, is replaced.
     Returns {"triplets", "positives", "negatives"} of the selection."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM round_triplets WHERE round = $round", {"round": round})
         con.execute(_SELECT_ROUND_SQL, {"pipeline": pipeline, "round": round, "digests": list(digests)})
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     ((n, positives, negatives),) = _relation_rows(con, """
         SELECT count(*), count(*) FILTER (WHERE t.polarity = 'positive'),
                count(*) FILTER (WHERE t.polarity = 'negative')
@@ -69,17 +64,11 @@ def replace_generations(con: duckdb.DuckDBPyConnection, frame, *, run: str, iter
     """Store one iteration's generations (frame: prompt_index, instruction, response), replacing
     what an earlier attempt of the same run and iteration stored; `engine` names who generated
     (cut_core.infer.engines.engine_name)."""
-    with _registered(con, "_wh_generations", frame):
-        con.execute("BEGIN TRANSACTION")
-        try:
-            con.execute("DELETE FROM generations WHERE run = ? AND iteration = ?", [run, iteration])
-            con.execute("INSERT INTO generations (run, iteration, prompt_index, instruction, response, model_digest, "
-                        "pipeline, engine) SELECT ?, ?, prompt_index, instruction, response, ?, ?, ? FROM _wh_generations",
-                        [run, iteration, model, pipeline, engine])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+    with _registered(con, "_wh_generations", frame), transaction(con):
+        con.execute("DELETE FROM generations WHERE run = ? AND iteration = ?", [run, iteration])
+        con.execute("INSERT INTO generations (run, iteration, prompt_index, instruction, response, model_digest, "
+                    "pipeline, engine) SELECT ?, ?, prompt_index, instruction, response, ?, ?, ? FROM _wh_generations",
+                    [run, iteration, model, pipeline, engine])
 
 
 def judgments_of(con: duckdb.DuckDBPyConnection, judge: str, pairs):

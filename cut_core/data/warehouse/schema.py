@@ -3,10 +3,12 @@ Python and in DuckDB) and `connect` (one writer per file; the schema made and mi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import time
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 
@@ -181,8 +183,7 @@ def migrate_triplet_ids(con: duckdb.DuckDBPyConnection) -> int:
     if done and done[0][0] == TRIPLET_ID_HASH:
         return 0
     new_id = triplet_id_sql("instruction", "response", "judgment", "context")
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         n = _relation_rows(con, "SELECT count(*) FROM triplets")[0][0]
         if n:
             con.execute(f"CREATE OR REPLACE TEMP TABLE _id_map AS SELECT DISTINCT id AS old, {new_id} AS new "
@@ -192,11 +193,20 @@ def migrate_triplet_ids(con: duckdb.DuckDBPyConnection) -> int:
             con.execute(f"UPDATE triplets SET id = {new_id}")
             con.execute("DROP TABLE _id_map")
         con.execute("INSERT OR REPLACE INTO warehouse_meta VALUES ('triplet_ids', $h)", {"h": TRIPLET_ID_HASH})
-        con.execute("COMMIT")
+    return n
+
+
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The block's statements on `con` commit together when it ends, or roll back together when
+    it raises (any exception, KeyboardInterrupt included, is raised again)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    return n
+    con.execute("COMMIT")
 
 
 def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 30.0) -> duckdb.DuckDBPyConnection:
@@ -249,16 +259,11 @@ def migrate_moved_judge_names(con: duckdb.DuckDBPyConnection) -> int:
         prefix = "function:" if name.startswith("function:") else ""
         module, _, rest = name[len(prefix):].partition(":")
         new = f"{prefix}{MOVED[module]}:{rest}"
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute("INSERT OR IGNORE INTO judgments SELECT * REPLACE ($new AS judge) FROM judgments "
                         "WHERE judge = $old", {"new": new, "old": name})
             renamed += _relation_rows(con, "SELECT count(*) FROM judgments WHERE judge = $old", {"old": name})[0][0]
             con.execute("DELETE FROM judgments WHERE judge = $old", {"old": name})
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     return renamed
 
 

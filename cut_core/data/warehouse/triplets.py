@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import duckdb
 
-from cut_core.data.warehouse.schema import _registered, _relation_rows, arrow_view, triplet_id_sql
+from cut_core.data.warehouse.schema import _registered, _relation_rows, arrow_view, transaction, triplet_id_sql
 
 # ---------------------------------------------------------------- triplets: the one insert path
 
@@ -101,14 +101,8 @@ def add_judged(con: duckdb.DuckDBPyConnection, judged, *, source: str, batch: st
     file ingest). `judged`: a frame with prompt_index, instruction, response, judgment,
     polarity (both NULL where the judge failed: the triplet is stored unlabeled).
     Returns the number of triplets added; commits in its own transaction."""
-    con.execute("BEGIN TRANSACTION")
-    try:
-        added = _add_judged(con, judged, source=source, batch=batch)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return added
+    with transaction(con):
+        return _add_judged(con, judged, source=source, batch=batch)
 
 
 def _add_judged(con: duckdb.DuckDBPyConnection, judged, *, source: str, batch: str) -> int:
