@@ -60,7 +60,8 @@ The modules, one job each:
 
     report.py         REASONS, IngestError / RejectRateExceeded, FileReport / IngestReport, the gate
     sources.py        paths, globs and `datasets` folders -> files; format; file digest; check_sources
-    chunks.py         CHUNK_SCHEMA, the shape every reader yields; UTF-16/32 detection and decoding
+    chunks.py         CHUNK_SCHEMA, the shape every reader yields; UTF-16/32 detection and decoding;
+                      prefetched (the next chunk made on a thread)
     jsonl.py          JSON lines (UTF-8 cut at newlines, UTF-16/32 per line, oversized lines)
     tables.py         JSON arrays, Parquet, Arrow IPC, CSV (read and rendered to JSON by DuckDB)
     conversations.py  messages / prompt+completion rows -> flat records

@@ -1,5 +1,6 @@
-"""The one shape every reader yields (CHUNK_SCHEMA: one row per record, in row order), and the
-text decoding the readers share (UTF-16/32 files marked by a byte-order mark)."""
+"""The one shape every reader yields (CHUNK_SCHEMA: one row per record, in row order), the
+text decoding the readers share (UTF-16/32 files marked by a byte-order mark), and `prefetched`,
+which makes the next chunk on a thread while the caller works on this one."""
 
 from __future__ import annotations
 

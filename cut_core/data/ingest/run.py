@@ -3,7 +3,8 @@ each chunk a reader yields is checked by one DuckDB statement (sql.validation_sq
 conversation rows rewritten and checked again, and written by warehouse.add_checked (triplets,
 or quarantined rejects); the counts go to the report and the reject-rate gate. Nothing per chunk
 is a DuckDB temporary table: one dropped inside the file's transaction stays in memory until
-the commit, so every chunk of a large file would be held to the end."""
+the commit, so every chunk of a large file would be held to the end. Chunks are read and checked
+on a thread one ahead of the writing thread (at most two alive), the file hashed meanwhile."""
 
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: str | Path, source: dsl.So
     transaction: this function commits the file's triplets, rejects and digest together, or
     nothing. `triplets.source` and `rejects.source` hold the file's absolute path, symlinks not
     resolved. Each chunk of records is checked by one DuckDB statement (sql.validation_sql) into an
-    Arrow table and written by warehouse.add_checked, so memory stays bounded by the chunk.
+    Arrow table and written by warehouse.add_checked, so memory stays bounded by two chunks (the
+    one being written, the next being checked).
     """
     path = Path(os.path.abspath(path))
     fmt = detect_format(path, source.format)

@@ -131,7 +131,7 @@ def content_key(*parts: str | None) -> str:
 # Triplet ids hash the same bytes with md5 (32 hex characters): ingest computes one per row,
 # and DuckDB's md5 costs about half its sha256 (the bench's 1M rows: ~1.5 CPU-s less, and a
 # narrower id column to compress and join). They are content addresses for dedupe, not a
-# security boundary. Warehouses made with sha256 ids are migrated on open (TRIPLET_IDS).
+# security boundary. Warehouses made with sha256 ids are migrated on open (migrate_triplet_ids).
 TRIPLET_ID_HASH = "md5"
 
 
@@ -139,7 +139,7 @@ def triplet_id(instruction: str, response: str, judgment: str | None, context: s
     """A triplet's id: md5 over (instruction, response, judgment), with the multi-turn prompt's
     stored turns (`context`, templates.context_json) as a fourth part only when there are any."""
     parts = (instruction, response, judgment) if context is None else (instruction, response, judgment, context)
-    return hashlib.md5(_key_bytes(parts)).hexdigest()
+    return hashlib.new(TRIPLET_ID_HASH, _key_bytes(parts), usedforsecurity=False).hexdigest()
 
 
 def triplet_id_sql(instruction: str, response: str, judgment: str, context: str | None = None) -> str:
