@@ -19,8 +19,9 @@ Library and baseline must end with the same counts (checked). Then the fixed sta
 `cut-align ingest` is measured on a one-line file (with --no-prefect, and with the Prefect flow
 run and its temporary server). The last line printed is one JSON object with rows_per_s,
 baseline_rows_per_s, speedup, floor_seconds, floor_ratio (library / floor; floor_ratios: each
-round's own, with --rounds), CPU seconds, the phase timings, peak_rss_mb, startup seconds and the bars (floor_ratio <= 3, peak RSS <= 1024 MB,
-counts equal to the baseline's; the old `speedup >= 10` bar is withdrawn: it depends on the machine). DuckDB uses every core for the library
+round's own, with --rounds), CPU seconds, the phase timings, peak_rss_mb, startup seconds and
+the bars (floor_ratio <= 3, peak RSS <= 1024 MB, counts equal to the baseline's; the old
+`speedup >= 10` bar is withdrawn: it depends on the machine). DuckDB uses every core for the library
 and the floor, the baseline one: on a machine whose cores are busy with other work the
 wall-clock ratios move; load_average_1m says how busy it was.
 `--data FILE` reuses a generated file (the same file in every run compares like with like).
@@ -105,9 +106,9 @@ def run_library(data: Path, wh: Path) -> dict:
     report = ingest.ingest_files(con, dsl.Source(paths=[str(data)]), batch="bench")
     con.close()    # a checkpoint on close counts: work deferred to it is still the ingest's
     seconds, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
-    # digest: hashing the file, before anything else; check: the checking thread's time
-    # (validation and ids, one chunk ahead); write: the writing thread's (dedupe, inserts,
-    # commit). Check and write overlap, so they add up to more than `seconds`.
+    # digest: hashing the file (while the first chunk is checked); check: the checking thread's
+    # time (reading, validation, ids, one chunk ahead); write: the writing thread's (dedupe,
+    # inserts, commit). The three overlap, so they add up to more than `seconds`.
     phases = {k: round(v, 2) for k, v in report.files[0].seconds.items()}
     return {"seconds": seconds, "cpu_seconds": round(cpu, 2), "phases": phases, "rss_before_mb": rss_before,
             "peak_rss_mb": _rss_mb(), **_counts(report.to_dict())}
